@@ -1,0 +1,83 @@
+"""Diffusion math shared by the model and every sampler, plus the UNet's small building blocks."""
+
+import math
+
+import numpy as np
+import torch
+
+
+def make_beta_schedule(
+    schedule: str,
+    n_timestep: int,
+    linear_start: float = 1e-4,
+    linear_end: float = 2e-2,
+    cosine_s: float = 8e-3,
+) -> np.ndarray:
+    """Betas [n_timestep] (float64) of the named schedule, as the original computes them."""
+    if schedule == "linear":
+        betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+    elif schedule == "cosine":
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
+        alphas = alphas / alphas[0]
+        betas = (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
+    elif schedule == "sqrt_linear":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+    elif schedule == "sqrt":
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+    else:
+        raise ValueError(f"schedule '{schedule}' unknown: use linear, cosine, sqrt_linear or sqrt")
+    return betas.numpy()
+
+
+def make_ddim_timesteps(
+    ddim_discr_method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int, verbose: bool = True
+) -> np.ndarray:
+    """The DDPM timesteps [S] a DDIM run visits, ascending.
+
+    "uniform" is the original's `range(0, T, T // S) + 1` ([1, 101, ..., 901] for S=10), cut to S entries
+    so that S not dividing T cannot run past the schedule; "quad" spaces them quadratically.
+    """
+    if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
+        raise ValueError(f"number of sampling steps must be in 1..{num_ddpm_timesteps}, got {num_ddim_timesteps}")
+    if ddim_discr_method == "uniform":
+        stride = num_ddpm_timesteps // num_ddim_timesteps
+        ddim_timesteps = np.arange(num_ddim_timesteps) * stride
+    elif ddim_discr_method == "quad":
+        ddim_timesteps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
+    else:
+        raise ValueError(f"DDIM discretization '{ddim_discr_method}' unknown: use uniform or quad")
+    steps_out = ddim_timesteps + 1
+    if verbose:
+        print(f"Selected timesteps for ddim sampler: {steps_out}")
+    return steps_out
+
+
+def make_ddim_sampling_parameters(
+    alphacums: np.ndarray, ddim_timesteps: np.ndarray, eta: float, verbose: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sigmas, alphas, alphas_prev), each [S], for DDIM with stochasticity `eta`.
+
+    The first step's previous alpha is alphas_cumprod[0], not 1, as in the original.
+    """
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.asarray([alphacums[0]] + alphacums[ddim_timesteps[:-1]].tolist())
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    if verbose:
+        print(f"Selected alphas for ddim sampler: a_t: {alphas}; a_(t-1): {alphas_prev}")
+        print(f"For the chosen value of eta, which is {eta}, this results in sigma_t schedule for ddim sampler {sigmas}")
+    return sigmas, alphas, alphas_prev
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """Gather `a[t]` for a batch of timesteps t [B] and shape it [B, 1, ..., 1] to broadcast over x."""
+    b = t.shape[0]
+    out = a.gather(-1, t)
+    return out.reshape(b, *((1,) * (len(x_shape) - 1)))
+
+
+def noise_like(shape: tuple, device: torch.device, repeat: bool = False) -> torch.Tensor:
+    """Standard normal noise of `shape`; with `repeat` one draw shared across the batch."""
+    if repeat:
+        return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
+    return torch.randn(shape, device=device)
