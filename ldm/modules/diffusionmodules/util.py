@@ -39,12 +39,16 @@ def make_ddim_timesteps(
     so that S not dividing T cannot run past the schedule; "quad" spaces them quadratically.
     """
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
-        raise ValueError(f"number of sampling steps must be in 1..{num_ddpm_timesteps}, got {num_ddim_timesteps}")
+        raise ValueError(
+            f"number of sampling steps must be in 1..{num_ddpm_timesteps}, got {num_ddim_timesteps}"
+        )
     if ddim_discr_method == "uniform":
         stride = num_ddpm_timesteps // num_ddim_timesteps
         ddim_timesteps = np.arange(num_ddim_timesteps) * stride
     elif ddim_discr_method == "quad":
-        ddim_timesteps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
+        ddim_timesteps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(
+            int
+        )
     else:
         raise ValueError(f"DDIM discretization '{ddim_discr_method}' unknown: use uniform or quad")
     steps_out = ddim_timesteps + 1
@@ -65,7 +69,9 @@ def make_ddim_sampling_parameters(
     sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
     if verbose:
         print(f"Selected alphas for ddim sampler: a_t: {alphas}; a_(t-1): {alphas_prev}")
-        print(f"For the chosen value of eta, which is {eta}, this results in sigma_t schedule for ddim sampler {sigmas}")
+        print(
+            f"For the chosen value of eta, which is {eta}, this results in sigma_t schedule for ddim sampler {sigmas}"
+        )
     return sigmas, alphas, alphas_prev
 
 
