@@ -1,0 +1,3 @@
+from ldm.modules.losses.contperceptual import LPIPSWithDiscriminator
+
+__all__ = ["LPIPSWithDiscriminator"]
