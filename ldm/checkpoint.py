@@ -1,0 +1,223 @@
+"""Weights in and out: safe `.ckpt` unpickling, `.safetensors`, key fix-ups, loading into meta-built models."""
+
+import hashlib
+import os
+import pickle
+import re
+import secrets
+import zipfile
+from collections.abc import Iterable, Mapping
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import nn
+
+from ldm.util import instantiate_from_config
+
+_METADATA_KEYS = ("global_step", "epoch")
+_NO_TEXT_MODEL_LEVEL = re.compile(r"^(.*transformer\.)(embeddings|encoder|final_layer_norm)\.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unsafe to unpickle, or not matching the model."""
+
+
+class _LightningCallbackRef:
+    """Stand-in for `pytorch_lightning...ModelCheckpoint`, which Lightning 1.x pickles by reference (as a dict
+    key) in SD v1 `.ckpt` files. Allow-listing that one name under this inert class lets those files load with
+    `weights_only=True`, without importing Lightning or running anything from the file."""
+
+
+_SAFE_GLOBALS = [(_LightningCallbackRef, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def read_state_dict(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read weights from `.ckpt`/`.pt`/`.pth` (allow-listed unpickling, memory-mapped) or `.safetensors`.
+
+    Returns (state_dict, metadata) where metadata holds `global_step`/`epoch` when the file records them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        with safetensors.safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+        metadata = {k: int(header[k]) for k in _METADATA_KEYS if header.get(k, "").isdigit()}
+        return safetensors.torch.load_file(path, device=str(device)), metadata
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location=device, mmap=zipfile.is_zipfile(path), weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        needs = f"`{unsafe[1]}`" if unsafe else "objects beyond tensors and plain containers"
+        raise CheckpointError(
+            f"{path}: refused for safety: unpickling it would load {needs}, which could run code; "
+            "convert it to .safetensors with a tool you trust"
+        ) from None
+    metadata = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        metadata = {k: obj[k] for k in _METADATA_KEYS if k in obj}
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict of tensors (e.g. key {bad[0]!r})")
+    return dict(obj), metadata
+
+
+def _fix_key(key: str, own: Mapping[str, torch.Tensor]) -> str:
+    """Map CLIP text-model keys saved without the `text_model.` level to the checkpoint layout."""
+    match = _NO_TEXT_MODEL_LEVEL.match(key)
+    if key in own or not match:
+        return key
+    mapped = f"{match[1]}text_model.{key[len(match[1]) :]}"
+    return mapped if mapped in own or mapped.endswith("embeddings.position_ids") else key
+
+
+def _is_stray(key: str, own: Mapping[str, torch.Tensor], has_ema: bool) -> bool:
+    """Keys real checkpoints hold that are not weights of this model: CLIP position ids (non-persistent
+    buffers in current transformers) and `model_ema.*` when the model keeps no EMA."""
+    if key in own:
+        return False
+    return key.endswith("embeddings.position_ids") or (key.startswith("model_ema.") and not has_ema)
+
+
+def _first_lines(keys: list[str], limit: int = 10) -> str:
+    more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "".join(f"\n  {k}" for k in keys[:limit]) + more
+
+
+def load_weights(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    ignore_keys: Iterable[str] = (),
+    strict: bool = False,
+    verbose: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Load `state_dict` into `model` in place; returns (missing, unexpected) keys.
+
+    Keys starting with one of `ignore_keys` are dropped; known layout differences are fixed up. Each tensor
+    takes the dtype of the model's tensor. A model built on the meta device takes the checkpoint tensors
+    themselves (`assign`), so a memory-mapped file is used in place; it must then get every weight.
+    """
+    own = model.state_dict(keep_vars=True)
+    ignore_keys = tuple(ignore_keys)
+    has_ema = any(k.startswith("model_ema.") for k in own)
+    ignored = [k for k in state_dict if k.startswith(ignore_keys)]
+    if verbose and ignored:
+        print(f"Ignoring {len(ignored)} checkpoint keys starting with {', '.join(ignore_keys)}")
+    sd = {}
+    for key, value in state_dict.items():
+        if key.startswith(ignore_keys):
+            continue
+        key = _fix_key(key, own)
+        if _is_stray(key, own, has_ema):
+            continue
+        if key in own and value.shape != own[key].shape:
+            raise CheckpointError(
+                f"{key}: checkpoint shape {tuple(value.shape)} does not match model shape {tuple(own[key].shape)}"
+            )
+        sd[key] = value
+
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"checkpoint does not match the model: {len(missing)} missing keys:{_first_lines(missing)}\n"
+            f"{len(unexpected)} unexpected keys:{_first_lines(unexpected)}"
+        )
+    on_meta = any(t.is_meta for t in own.values())
+    if on_meta:
+        # Assigned tensors become the model's own, so cast them here, one at a time; in-place loading
+        # (`copy_`) casts by itself without holding a converted copy.
+        sd = {k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}
+    del own
+    model.load_state_dict(sd, strict=False, assign=on_meta)
+    if on_meta:
+        _finish_meta_model(model, missing)
+    if verbose:
+        print(
+            f"Loaded {len(sd) - len(unexpected)} tensors: {len(missing)} missing, {len(unexpected)} unexpected keys"
+        )
+        if missing:
+            print(f"Missing keys:{_first_lines(missing)}")
+        if unexpected:
+            print(f"Unexpected keys:{_first_lines(unexpected)}")
+    return missing, unexpected
+
+
+def _finish_meta_model(model: nn.Module, missing: list[str]) -> None:
+    """After loading into a meta-built model: every weight must have come from the checkpoint; the CLIP
+    `position_ids` (non-persistent, so not loaded) are recomputed; nothing may be left on the meta device."""
+    if missing:
+        raise CheckpointError(
+            f"checkpoint lacks {len(missing)} weights the model needs (it was built on the meta device, "
+            f"so they cannot keep their initial values):{_first_lines(missing)}"
+        )
+    device = next(t.device for t in chain(model.parameters(), model.buffers()) if not t.is_meta)
+    for module in model.modules():
+        ids = module._buffers.get("position_ids")
+        if ids is not None and ids.is_meta:
+            module.position_ids = torch.arange(ids.shape[-1], device=device).expand(ids.shape)
+    left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(
+            f"still on the meta device after loading (create them on a real device):{_first_lines(left)}"
+        )
+
+
+def load_model_from_config(
+    config: Any, ckpt: str | Path | None, device: str | torch.device = "cpu", verbose: bool = True
+) -> nn.Module:
+    """Build `config.model` and load `ckpt` into it (random weights when `ckpt` is None); eval mode on `device`.
+
+    The model is built on the meta device, so the only weights ever in memory are the checkpoint's.
+    """
+    if ckpt is None:
+        with torch.device(device):
+            model = instantiate_from_config(config.model)
+        return model.to(device).eval()
+    if verbose:
+        print(f"Loading model from {ckpt}")
+    state_dict, metadata = read_state_dict(ckpt)
+    if verbose and "global_step" in metadata:
+        print(f"Global step: {metadata['global_step']}")
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    load_weights(model, state_dict, verbose=verbose)
+    return model.to(device).eval()
+
+
+def save_checkpoint(
+    path: str | Path, state_dict: Mapping[str, torch.Tensor], global_step: int | None = None, **extra: Any
+) -> None:
+    """Write `state_dict` atomically: `.safetensors` (extras as string metadata), else a Lightning-style dict
+    `{"state_dict", "global_step", **extra}` with `torch.save`. A crash never leaves a partial file at `path`."""
+    path = Path(path)
+    fields = {k: v for k, v in {"global_step": global_step, **extra}.items() if v is not None}
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        if path.suffix == ".safetensors":
+            tensors = {k: v.contiguous() for k, v in state_dict.items()}
+            safetensors.torch.save_file(tensors, tmp, metadata={k: str(v) for k, v in fields.items()})
+        else:
+            torch.save({"state_dict": dict(state_dict), **fields}, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def model_hash(path: str | Path) -> str:
+    """First 10 hex digits of the file's sha256 (the short hash A1111 writes into image metadata)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:10]
