@@ -1,0 +1,103 @@
+"""Writing generated images: the original's folder layout, never overwriting, never half-written."""
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torchvision.utils import make_grid
+
+WATERMARK = "StableDiffusionV1"
+_WATERMARK_MIN_PIXELS = 256 * 256  # dwtDct refuses smaller images
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Decoded images [B, 3, H, W] in about [-1, 1] -> RGB PIL images."""
+    images = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in images]
+
+
+def make_image_grid(images: Sequence[Image.Image], n_rows: int) -> Image.Image:
+    """Tile images into a grid with `n_rows` images per row (torchvision's layout, 2 px padding)."""
+    batch = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images])
+    grid = make_grid(batch, nrow=max(1, n_rows))
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+class Watermarker:
+    """Embeds the invisible "StableDiffusionV1" watermark (dwtDct) as the original scripts do."""
+
+    def __init__(self, text: str = WATERMARK):
+        from imwatermark import WatermarkEncoder
+
+        self.encoder = WatermarkEncoder()
+        self.encoder.set_watermark("bytes", text.encode("utf-8"))
+        self.warned_small = False
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.width * image.height < _WATERMARK_MIN_PIXELS:
+            if not self.warned_small:
+                print(
+                    f"note: images smaller than 256x256 pixels ({image.width}x{image.height}) are saved without the watermark"
+                )
+                self.warned_small = True
+            return image
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        marked = self.encoder.encode(bgr, "dwtDct")
+        return Image.fromarray(np.ascontiguousarray(marked[:, :, ::-1]))
+
+
+def png_info(parameters: dict) -> PngImagePlugin.PngInfo:
+    """A PNG text chunk "parameters" holding the generation parameters as JSON."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    return info
+
+
+def read_parameters(path: str | os.PathLike) -> dict:
+    """The generation parameters stored in a PNG written by `save_png`."""
+    with Image.open(path) as image:
+        return json.loads(image.text["parameters"])
+
+
+def save_png(image: Image.Image, path: Path, parameters: dict | None = None) -> None:
+    """Write atomically: a temporary file in the same folder, renamed only when complete.
+
+    Refuses to replace an existing file.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=png_info(parameters) if parameters else None)
+        os.link(tmp_name, path)  # fails instead of overwriting if the name was taken meanwhile
+    finally:
+        os.unlink(tmp_name)
+
+
+class NumberedFolder:
+    """Hands out the next free `NNNNN.png`-style names in a folder, after the highest existing number."""
+
+    def __init__(self, folder: Path, prefix: str = "", digits: int = 5):
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.digits = digits
+        self.folder.mkdir(parents=True, exist_ok=True)
+        pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.png$")
+        numbers = [int(m.group(1)) for name in os.listdir(self.folder) if (m := pattern.match(name))]
+        self.next_number = max(numbers, default=-1) + 1
+
+    def save(self, image: Image.Image, parameters: dict | None = None) -> Path:
+        while True:
+            path = self.folder / f"{self.prefix}{self.next_number:0{self.digits}d}.png"
+            self.next_number += 1
+            try:
+                save_png(image, path, parameters)
+                return path
+            except FileExistsError:
+                continue  # another process took this number: try the next
