@@ -1,9 +1,14 @@
 """Diffusion math shared by the model and every sampler, plus the UNet's small building blocks."""
 
 import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
 
 
 def make_beta_schedule(
@@ -87,3 +92,89 @@ def noise_like(shape: tuple, device: torch.device, repeat: bool = False) -> torc
     if repeat:
         return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
     return torch.randn(shape, device=device)
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: int = 10000, repeat_only: bool = False
+) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] (fp32) of timesteps [B] (int or float, fractional allowed).
+
+    The first half is cos, the second sin, of t * max_period^(-i / half); an odd dim gets a zero column.
+    Computed in fp32 whatever the autocast dtype: fp16 cannot resolve t * freq for t near 1000.
+    `repeat_only` just repeats t along the feature dimension.
+    """
+    if repeat_only:
+        return timesteps[:, None].float().expand(-1, dim)
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps[:, None].float() * torch.exp(exponent)[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+def checkpoint(func: Callable, inputs: Sequence, params: Iterable[torch.Tensor], flag: bool) -> Any:
+    """`func(*inputs)`, recomputed in the backward pass instead of storing activations when `flag` is set.
+
+    Recomputation only happens while gradients are being recorded, so inference pays nothing.
+    `params` is kept for the original's signature; non-reentrant checkpointing finds them itself.
+    """
+    if flag and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters in place and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def scale_module(module: nn.Module, scale: float) -> nn.Module:
+    """Scale a module's parameters in place and return it."""
+    for p in module.parameters():
+        p.detach().mul_(scale)
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 and cast back to the input's dtype (fp16/bf16 statistics overflow)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    """The UNet's standard norm layer: 32-group GroupNorm in fp32."""
+    return GroupNorm32(32, channels)
+
+
+def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """A 1D, 2D or 3D convolution."""
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def linear(*args: Any, **kwargs: Any) -> nn.Module:
+    """A linear layer."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """A 1D, 2D or 3D average pooling."""
+    if dims == 1:
+        return nn.AvgPool1d(*args, **kwargs)
+    if dims == 2:
+        return nn.AvgPool2d(*args, **kwargs)
+    if dims == 3:
+        return nn.AvgPool3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
