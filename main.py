@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
 
     config, lightning_config = load_configs(opt, overrides)
     trainer_config = trainer_kwargs(lightning_config.get("trainer", OmegaConf.create()), opt, TRAINER_FLAGS)
-    lightning_config.trainer = OmegaConf.create({k: v for k, v in trainer_config.items() if k != "plugins"})
+    lightning_config.trainer = OmegaConf.create(
+        {k: v for k, v in trainer_config.items() if not k.startswith("_")}
+    )
 
     model = instantiate_checked(config.model, "model")
     data = instantiate_checked(config.data, "data") if "data" in config else None

@@ -173,7 +173,8 @@ class DDPM(pl.LightningModule):
         buffer("posterior_mean_coef2", (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod))
 
         if self.parameterization == "eps":
-            lvlb_weights = betas**2 / (2 * posterior_variance * alphas * (1 - alphas_cumprod))
+            with np.errstate(divide="ignore"):  # step 0 has zero posterior variance; it is replaced below
+                lvlb_weights = betas**2 / (2 * posterior_variance * alphas * (1 - alphas_cumprod))
         else:
             # the original's expression, kept for identical numbers: 2. * 1 - a reads as 2 - a
             lvlb_weights = 0.5 * np.sqrt(alphas_cumprod) / (2.0 * 1 - alphas_cumprod)
@@ -769,3 +770,39 @@ class DiffusionWrapper(pl.LightningModule):
                 torch.cat([x, *c_concat], dim=1), t, context=torch.cat(c_crossattn, 1)
             )
         return self.diffusion_model(x, t, y=c_crossattn[0])  # adm: class or embedding vector
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """LatentDiffusion whose UNet also sees the inpainting mask and the masked image's latent: hybrid
+    conditioning with UNet input = [z (4), mask (1), masked-image latent (4)], the layout of the public SD
+    inpainting checkpoints. Batches carry `mask` ([B, H, W, 1], 1 = repaint) and `masked_image`."""
+
+    def __init__(
+        self,
+        *args,
+        concat_keys: tuple[str, ...] = ("mask", "masked_image"),
+        masked_image_key: str = "masked_image",
+        finetune_keys: list[str] | None = None,
+        keep_finetune_dims: int = 4,
+        c_concat_log_start: int | None = None,
+        c_concat_log_end: int | None = None,
+        **kwargs,
+    ):
+        if finetune_keys is not None:
+            raise NotImplementedError("finetune_keys is not supported: set it to null")
+        super().__init__(*args, **kwargs)
+        self.concat_keys = tuple(concat_keys)
+        self.masked_image_key = masked_image_key
+
+    @torch.no_grad()
+    def get_input(self, batch: dict, k: str, bs: int | None = None, **kwargs) -> list:
+        """[z, {"c_concat": [mask and masked-image latent], "c_crossattn": [c]}] (plus extras on request)."""
+        z, c, *rest = super().get_input(batch, k, bs=bs, force_c_encode=True, **kwargs)
+        extras = []
+        for key in self.concat_keys:
+            x = DDPM.get_input(self, batch, key)[:bs].to(self.device)
+            if key == self.masked_image_key:
+                extras.append(self.get_first_stage_encoding(self.encode_first_stage(x)))
+            else:
+                extras.append(F.interpolate(x, size=z.shape[-2:]))
+        return [z, {"c_concat": [torch.cat(extras, dim=1)], "c_crossattn": [c]}, *rest]
