@@ -18,18 +18,24 @@ def make_beta_schedule(
     linear_end: float = 2e-2,
     cosine_s: float = 8e-3,
 ) -> np.ndarray:
-    """Betas [n_timestep] (float64) of the named schedule, as the original computes them."""
+    """Betas [n_timestep] (float64) of the named schedule, as the original computes them.
+
+    Computed on the CPU whatever the default device, so a model built on the meta device gets real values.
+    """
     if schedule == "linear":
-        betas = torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
+        betas = (
+            torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64, device="cpu")
+            ** 2
+        )
     elif schedule == "cosine":
-        steps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        steps = torch.arange(n_timestep + 1, dtype=torch.float64, device="cpu") / n_timestep + cosine_s
         alphas = torch.cos(steps / (1 + cosine_s) * math.pi / 2).pow(2)
         alphas = alphas / alphas[0]
         betas = (1 - alphas[1:] / alphas[:-1]).clamp(0, 0.999)
     elif schedule == "sqrt_linear":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu")
     elif schedule == "sqrt":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64, device="cpu") ** 0.5
     else:
         raise ValueError(f"schedule '{schedule}' unknown: use linear, cosine, sqrt_linear or sqrt")
     return betas.numpy()
