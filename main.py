@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: F401  (main.LearningRateMonitor)
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (configs name main.*)
 from ldm.training import (
@@ -39,6 +40,20 @@ def str2bool(v: str | bool) -> bool:
     if v.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError("Boolean value expected.")
+
+
+class OptionalBool(argparse.Action):
+    """`-t`, `-t true`, `-t false`; a following `key=value` is an override, not the flag's value."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values is None:
+            setattr(namespace, self.dest, True)
+            return
+        try:
+            setattr(namespace, self.dest, str2bool(values))
+        except argparse.ArgumentTypeError:
+            setattr(namespace, self.dest, True)
+            namespace.overrides_after_flags = [*getattr(namespace, "overrides_after_flags", []), values]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -65,8 +80,12 @@ def get_parser() -> argparse.ArgumentParser:
         default=list(),
         help="paths to base configs, merged left to right; `key=value` arguments override them",
     )
-    parser.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
-    parser.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?", help="disable test")
+    parser.add_argument(
+        "-t", "--train", action=OptionalBool, const=True, default=False, nargs="?", help="train"
+    )
+    parser.add_argument(
+        "--no-test", action=OptionalBool, const=True, default=False, nargs="?", help="disable test"
+    )
     parser.add_argument(
         "-p", "--project", help="name of new or path to existing project: the run's log directory"
     )
@@ -165,6 +184,7 @@ def load_configs(opt: argparse.Namespace, overrides: list[str]):
 def main(argv: list[str] | None = None) -> None:
     sys.path.append(os.getcwd())
     opt, overrides = get_parser().parse_known_args(argv)
+    overrides += getattr(opt, "overrides_after_flags", [])
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot be given together: resume keeps its run's name")
     # DDP launches this script again for the other ranks: they must share rank 0's run directory
@@ -256,6 +276,8 @@ def run() -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        sys.exit(128 + signal.SIGTERM)  # last.ckpt was saved; exit as a process stopped by SIGTERM
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
 
-from ldm.util import get_obj_from_str
+from ldm.util import get_obj_from_str, instantiate_from_config
 
 # Lightning 1.x trainer settings that 2.x renamed, and those it dropped (they are ignored with a note).
 RENAMED_TRAINER_KEYS = {
@@ -35,23 +35,37 @@ class ConfigError(Exception):
     """A mistake in the configs or command line: reported in one line before training starts."""
 
 
+def check_targets(config: Any, where: str) -> None:
+    """Check every `target:` in a config tree: it must import and its `params` must fit its signature."""
+    if isinstance(config, ListConfig):
+        for i, item in enumerate(config):
+            check_targets(item, f"{where}[{i}]")
+        return
+    if not isinstance(config, DictConfig):
+        return
+    if "target" in config:
+        target = config["target"]
+        try:
+            cls = get_obj_from_str(target)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ConfigError(f"{where}: unknown target '{target}' ({error})") from None
+        params = config.get("params") or {}
+        try:
+            inspect.signature(cls).bind(**params)
+        except TypeError as error:
+            raise ConfigError(f"{where}: the params of {target} don't fit: {error}") from None
+        except ValueError:
+            pass  # a builtin without an introspectable signature: the call itself checks
+    for key, value in config.items():
+        check_targets(value, f"{where}.{key}")
+
+
 def instantiate_checked(config: Any, what: str) -> Any:
-    """instantiate_from_config, but an unknown target or wrong parameters are a ConfigError naming them."""
+    """instantiate_from_config after `check_targets`, so a config mistake is one ConfigError line."""
     if "target" not in config:
         raise ConfigError(f"{what}: no `target:` in its config")
-    target = config["target"]
-    try:
-        cls = get_obj_from_str(target)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ConfigError(f"{what}: unknown target '{target}' ({error})") from None
-    params = OmegaConf.to_container(config.get("params", {}), resolve=True) if "params" in config else {}
-    try:
-        inspect.signature(cls).bind(**params)
-    except TypeError as error:
-        raise ConfigError(f"{what}: the params of {target} don't fit: {error}") from None
-    except ValueError:
-        pass  # a builtin without an introspectable signature: let the call itself check
-    return cls(**config.get("params", {}))
+    check_targets(config, what)
+    return instantiate_from_config(config)
 
 
 def _parse_device_ids(value: Any) -> tuple[Any, int]:
