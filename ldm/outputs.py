@@ -24,7 +24,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def make_image_grid(images: Sequence[Image.Image], n_rows: int) -> Image.Image:
     """Tile images into a grid with `n_rows` images per row (torchvision's layout, 2 px padding)."""
-    batch = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in images])
+    batch = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images])
     grid = make_grid(batch, nrow=max(1, n_rows))
     return Image.fromarray(grid.permute(1, 2, 0).numpy())
 

@@ -1,0 +1,322 @@
+"""What the generation scripts share: their common flags and checks, the session (model, sampler, safety
+checker, watermark), and the loop that renders batches of prompts and writes numbered PNGs with metadata."""
+
+import argparse
+import contextlib
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm, trange
+
+from ldm.inference import (
+    DEFAULT_CKPT,
+    DEFAULT_CONFIG,
+    SAMPLERS,
+    UserError,
+    check_checkpoint,
+    load_model,
+    make_sampler,
+    precision_scope,
+    resolve_precision,
+    select_device,
+)
+from ldm.outputs import NumberedFolder, Watermarker, make_image_grid
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser, outdir: str, n_iter: int, n_samples: int, scale: float
+) -> None:
+    """The flags every generation script takes, with the script's own defaults for the ones that differ."""
+    parser.add_argument(
+        "--prompt",
+        type=str,
+        nargs="?",
+        default="a painting of a virus monster playing guitar",
+        help="the prompt to render",
+    )
+    parser.add_argument(
+        "--negative-prompt",
+        type=str,
+        default="",
+        help="what to steer away from (replaces the empty unconditional prompt)",
+    )
+    parser.add_argument("--outdir", type=str, nargs="?", default=outdir, help="dir to write results to")
+    parser.add_argument(
+        "--skip_grid", action="store_true", help="do not save a grid, only individual samples"
+    )
+    parser.add_argument(
+        "--skip_save", action="store_true", help="do not save individual samples (for speed measurements)"
+    )
+    parser.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    parser.add_argument("--plms", action="store_true", help="use plms sampling")
+    parser.add_argument("--dpm_solver", action="store_true", help="use dpm_solver sampling")
+    parser.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=None,
+        help="sampler (instead of --plms / --dpm_solver); default ddim",
+    )
+    parser.add_argument(
+        "--fixed_code",
+        action="store_true",
+        help="use the same starting code (seeds) for every batch and iteration",
+    )
+    parser.add_argument(
+        "--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 corresponds to deterministic sampling)"
+    )
+    parser.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    parser.add_argument("--C", type=int, default=4, help="latent channels")
+    parser.add_argument("--f", type=int, default=8, help="downsampling factor")
+    parser.add_argument(
+        "--n_samples",
+        type=int,
+        default=n_samples,
+        help="how many samples to produce for each given prompt, i.e. the batch size",
+    )
+    parser.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=scale,
+        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))",
+    )
+    parser.add_argument(
+        "--from-file", type=str, help="if specified, load prompts from this file, one per line"
+    )
+    parser.add_argument(
+        "--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model"
+    )
+    parser.add_argument(
+        "--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model (.ckpt or .safetensors)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=42, help="the seed (for reproducible sampling); image k gets seed + k"
+    )
+    parser.add_argument(
+        "--precision",
+        type=str,
+        choices=["full", "autocast"],
+        default=None,
+        help="evaluate at this precision (default: autocast on CUDA, i.e. fp16; full on CPU; autocast on CPU is bf16)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cuda", "mps", "cpu"],
+        default="auto",
+        help="where to run (auto: cuda, then mps, then cpu)",
+    )
+    parser.add_argument(
+        "--safety-checker",
+        type=str,
+        default=None,
+        help="path of a local CompVis/stable-diffusion-safety-checker (default: the HF cache)",
+    )
+    parser.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
+
+
+def choose_sampler(opt: argparse.Namespace) -> str:
+    """ "ddim", "plms" or "dpm" from --sampler / --plms / --dpm_solver; conflicting flags are an error."""
+    flagged = [name for name, on in (("plms", opt.plms), ("dpm", opt.dpm_solver)) if on]
+    if opt.sampler is not None:
+        flagged.append(opt.sampler)
+    if len(set(flagged)) > 1:
+        raise UserError(
+            f"conflicting sampler flags ({', '.join(sorted(set(flagged)))}): choose one with --sampler"
+        )
+    return flagged[0] if flagged else "ddim"
+
+
+def check_args(opt: argparse.Namespace, sampler: str) -> None:
+    for flag, value in (
+        ("--n_samples", opt.n_samples),
+        ("--n_iter", opt.n_iter),
+        ("--ddim_steps", opt.ddim_steps),
+    ):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if not opt.ddim_eta >= 0.0:
+        raise UserError(f"--ddim_eta must be >= 0, got {opt.ddim_eta}")
+    if opt.ddim_eta != 0.0 and sampler != "ddim":
+        raise UserError(
+            f"--ddim_eta {opt.ddim_eta} needs the ddim sampler: {sampler} is deterministic (eta 0)"
+        )
+
+
+def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
+    """Batches of prompts: n_samples copies of --prompt, or the file's lines in batches of n_samples
+    (the last batch may be smaller)."""
+    if not opt.from_file:
+        return [opt.n_samples * [opt.prompt]]
+    path = Path(opt.from_file)
+    if not path.is_file():
+        raise UserError(
+            f"prompt file {opt.from_file} not found: pass --from-file with a text file, one prompt per line"
+        )
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {opt.from_file} has no prompts: write one prompt per line")
+    return [prompts[i : i + opt.n_samples] for i in range(0, len(prompts), opt.n_samples)]
+
+
+@dataclass
+class Session:
+    """A loaded model with everything a run around it needs."""
+
+    opt: argparse.Namespace
+    script: str  # "scripts/txt2img.py" etc., for the re-make commands
+    sampler_name: str
+    device: torch.device
+    precision: str
+    model: Any
+    sampler: Any
+    model_hash: str
+    safety_checker: Callable[[list[Image.Image]], list[Image.Image]] | None
+    watermark: Watermarker
+
+    def scope(self) -> contextlib.ExitStack:
+        """No gradients, the run's precision, and the EMA weights if the model has them."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(precision_scope(self.precision, self.device))
+        stack.enter_context(self.model.ema_scope())
+        return stack
+
+
+def open_session(opt: argparse.Namespace, config, sampler_name: str, script: str) -> Session:
+    """Check the checkpoint and device, then load the model, sampler and safety checker."""
+    ckpt = check_checkpoint(opt.ckpt)
+    device = select_device(opt.device)
+    precision = resolve_precision(opt.precision, device)
+
+    from ldm.checkpoint import model_hash
+    from ldm.safety import load_safety_checker
+
+    model = load_model(config, ckpt, device)
+    return Session(
+        opt=opt,
+        script=script,
+        sampler_name=sampler_name,
+        device=device,
+        precision=precision,
+        model=model,
+        sampler=make_sampler(sampler_name, model),
+        model_hash=model_hash(ckpt),
+        safety_checker=None if opt.no_safety_checker else load_safety_checker(opt.safety_checker, device),
+        watermark=Watermarker(),
+    )
+
+
+@dataclass
+class Batch:
+    """One sampler call: its prompts, the images' seeds, and the conditionings c and uc (None without guidance)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    c: Any
+    uc: Any
+    generator: (
+        torch.Generator
+    )  # for draws that span the batch (eta > 0 noise, mask blending): seeded by seeds[0]
+    callback: Callable[[int], None]  # the samplers' per-step callback: advances the steps progress bar
+
+
+def remake_command(session: Session, prompt: str, seed: int, n_samples: int, extra: list[str]) -> str:
+    opt = session.opt
+    args = [
+        "python", session.script, "--prompt", prompt, "--seed", str(seed), "--n_samples", str(n_samples),
+        "--n_iter", "1", "--sampler", session.sampler_name, "--ddim_steps", str(opt.ddim_steps),
+        "--scale", str(opt.scale), "--ddim_eta", str(opt.ddim_eta), "--precision", session.precision, *extra,
+        "--config", opt.config, "--ckpt", opt.ckpt,
+    ]  # fmt: skip
+    if opt.negative_prompt:
+        args += ["--negative-prompt", opt.negative_prompt]
+    return shlex.join(args)
+
+
+def generate(
+    session: Session,
+    batches: list[list[str]],
+    render: Callable[[Batch], list[Image.Image]],
+    steps: int,
+    params: dict,
+    remake_args: list[str],
+    finish: Callable[[Image.Image], Image.Image] | None = None,
+    batch_dependent: bool = False,
+) -> None:
+    """Run `render` on every batch of prompts --n_iter times and write the results; call it inside
+    `session.scope()`.
+
+    Image k of a run gets seed --seed + k (with --fixed_code, batch position k gets --seed + k every time).
+    `render` returns a batch's images (before the safety checker and the watermark); `steps` is how many
+    sampler steps it reports through its callback; `finish` runs on each watermarked image (inpainting pastes
+    the kept pixels back there). `params` and `remake_args` are the script's own metadata and flags for the
+    re-make command; `batch_dependent` says an image depends on its batch (noise drawn for the whole batch),
+    so the command re-makes the batch.
+    """
+    opt, model = session.opt, session.model
+    samples_folder = NumberedFolder(Path(opt.outdir) / "samples")
+    grid_folder = NumberedFolder(Path(opt.outdir), prefix="grid-", digits=4)
+    shared = {
+        "negative_prompt": opt.negative_prompt, "sampler": session.sampler_name, "steps": opt.ddim_steps,
+        "scale": opt.scale, "eta": opt.ddim_eta, "precision": session.precision, "config": opt.config,
+        "model": Path(opt.ckpt).name, "model_hash": session.model_hash, **params,
+    }  # fmt: skip
+    images, written, first_remake, image_index, uc_cache = [], 0, None, 0, {}
+    start = time.perf_counter()
+    for _ in trange(opt.n_iter, desc="Sampling"):
+        for prompts in tqdm(batches, desc="data"):
+            n = len(prompts)
+            first_seed = opt.seed if opt.fixed_code else opt.seed + image_index
+            seeds = list(range(first_seed, first_seed + n))
+            image_index += n
+            if opt.scale != 1.0 and n not in uc_cache:
+                uc_cache[n] = model.get_learned_conditioning(n * [opt.negative_prompt])
+            c = model.get_learned_conditioning(prompts)
+            with tqdm(total=steps, desc=f"{session.sampler_name} steps", leave=False) as bar:
+                batch = Batch(
+                    prompts,
+                    seeds,
+                    c,
+                    uc_cache.get(n),
+                    torch.Generator().manual_seed(seeds[0]),
+                    lambda _: bar.update(),
+                )
+                batch_images = render(batch)
+            if session.safety_checker is not None:
+                batch_images = session.safety_checker(batch_images)
+            for k, (image, prompt, seed) in enumerate(zip(batch_images, prompts, seeds, strict=True)):
+                image = session.watermark(image)
+                if finish is not None:
+                    image = finish(image)
+                images.append(image)
+                if opt.skip_save:
+                    continue
+                if batch_dependent:
+                    remake = remake_command(session, prompt, seeds[0], n, remake_args)
+                    extra = {"remake": remake, "remake_index": k}
+                else:
+                    remake = remake_command(session, prompt, seed, 1, remake_args)
+                    extra = {"remake": remake}
+                first_remake = first_remake or remake
+                samples_folder.save(image, {**shared, "prompt": prompt, "seed": seed, **extra})
+                written += 1
+
+    if not opt.skip_grid:
+        grid = session.watermark(make_image_grid(images, opt.n_rows if opt.n_rows > 0 else opt.n_samples))
+        prompts = sorted({p for batch in batches for p in batch})
+        grid_folder.save(grid, {**shared, "prompts": prompts, "seed": opt.seed})
+        written += 1
+    seconds = time.perf_counter() - start
+    if first_remake:
+        which = "its batch (image remake_index of it)" if batch_dependent else "one image alone"
+        print(f"To re-make {which}, run the command in its PNG metadata, e.g.: {first_remake}")
+    print(
+        f"Your samples are ready and waiting for you here: {opt.outdir} "
+        f"({written} files written, {len(images)} images, {seconds / len(images):.2f} s per image)"
+    )
