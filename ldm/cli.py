@@ -318,5 +318,5 @@ def generate(
         print(f"To re-make {which}, run the command in its PNG metadata, e.g.: {first_remake}")
     print(
         f"Your samples are ready and waiting for you here: {opt.outdir} "
-        f"({written} files written, {len(images)} images, {seconds / len(images):.2f} s per image)"
+        f"({written} file{'s' * (written != 1)} written, {len(images)} images, {seconds / len(images):.2f} s per image)"
     )
