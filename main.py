@@ -153,7 +153,7 @@ def resolve_run(opt: argparse.Namespace, now: str) -> tuple[Path, str | None]:
             logdir, ckpt = resume, resume / "checkpoints" / "last.ckpt"
             if not ckpt.is_file():
                 raise ConfigError(f"{logdir} has no checkpoints/last.ckpt: pass -r with a checkpoint file")
-        opt.base = sorted(glob.glob(str(logdir / "configs" / "*-project.yaml"))) + opt.base
+        opt.base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + opt.base
         return logdir, str(ckpt)
     if opt.project:
         return Path(opt.project), None
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = pl.Trainer(
         **trainer_args,
         default_root_dir=str(logdir),
-        logger=CSVLogger(save_dir=str(logdir), name="csv", version=""),
+        logger=CSVLogger(save_dir=str(logdir), name="csv"),  # csv/version_N: a resume adds a version
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
     )

@@ -137,10 +137,17 @@ class SaveOnSignal(Callback):
 
     def save(self, trainer: pl.Trainer) -> None:
         # rank 0 writes alone (no barrier), since the other ranks may not be at the same point
-        if trainer.global_rank == 0:
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
-            print(f"Saved {self.path} at global step {trainer.global_step}")
+        if trainer.global_rank != 0:
+            return
+        path = self.path
+        callback = trainer.checkpoint_callback
+        if callback is not None and callback.dirpath is not None:
+            # ModelCheckpoint must own this last.ckpt, or after a resume it writes last-v1.ckpt beside it
+            path = Path(callback.dirpath) / "last.ckpt"
+            callback.last_model_path = str(path)
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+        print(f"Saved {path} at global step {trainer.global_step}")
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if SaveOnSignal.requested:

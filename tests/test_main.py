@@ -38,8 +38,11 @@ def only_run(cwd: Path) -> Path:
 
 
 def metric(run: Path, name: str) -> list[float]:
-    with open(run / "csv" / "metrics.csv") as f:
-        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+    values = []
+    for log in sorted((run / "csv").glob("version_*/metrics.csv")):
+        with open(log) as f:
+            values += [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+    return values
 
 
 def ckpt_step(path: Path) -> int:
@@ -129,6 +132,8 @@ def test_sigterm_saves_last_ckpt_and_resume_continues_exactly(tmp_path):
         for name, value in state.items():
             torch.testing.assert_close(resumed["optimizer"]["state"][key][name], value)
     assert ckpt_step(last) == 7
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+    assert sorted(p.name for p in (run / "csv").iterdir()) == ["version_0", "version_1"]
 
 
 def test_sigusr1_saves_and_training_goes_on(tmp_path):
@@ -138,7 +143,7 @@ def test_sigusr1_saves_and_training_goes_on(tmp_path):
         "lightning.callbacks.probe.params.signal_name=SIGUSR1", "lightning.callbacks.probe.params.at_step=2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "last.ckpt at global step 2" in result.stdout
+    assert "last.ckpt at global step 3" in result.stdout  # signalled after step 2, saved at the next batch end
     assert ckpt_step(only_run(tmp_path) / "checkpoints" / "last.ckpt") == 5
 
 
