@@ -188,8 +188,19 @@ class Session:
         return stack
 
 
-def open_session(opt: argparse.Namespace, config, sampler_name: str, script: str) -> Session:
-    """Check the checkpoint and device, then load the model, sampler and safety checker."""
+def open_session(
+    opt: argparse.Namespace, config, sampler_name: str, script: str, image_conditioning: bool = False
+) -> Session:
+    """Check the model kind, checkpoint and device, then load the model, sampler and safety checker.
+
+    Models whose UNet also takes an image (conditioning_key concat or hybrid, e.g. inpainting models) need a
+    script that gives it one: `image_conditioning` says this one does."""
+    key = config.model.params.get("conditioning_key")
+    if key in ("concat", "hybrid") and not image_conditioning:
+        raise UserError(
+            f"{opt.config} is a model conditioned on an image too (conditioning_key {key}, e.g. an inpainting "
+            "model): use it with scripts/inpaint.py"
+        )
     ckpt = check_checkpoint(opt.ckpt)
     device = select_device(opt.device)
     precision = resolve_precision(opt.precision, device)

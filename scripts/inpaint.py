@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     mask = load_mask(opt.mask, image.size, opt.max_pixels)
     size = fit_size(*image.size, size_multiple(config))
     batches = read_prompts(opt)
-    session = open_session(opt, config, sampler_name, "scripts/inpaint.py")
+    session = open_session(opt, config, sampler_name, "scripts/inpaint.py", image_conditioning=True)
     model, sampler = session.model, session.sampler
     concat = is_inpainting_model(model)
     if not concat and sampler_name == "dpm":

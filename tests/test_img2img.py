@@ -1,5 +1,6 @@
 """scripts/img2img.py end to end on the tiny model, and the image loading it relies on."""
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,10 @@ def test_fixed_seed_reproducible_and_metadata(tiny_ckpt, tmp_path):
     assert params["seed"] == 6 and params["strength"] == 0.75 and params["init_img"] == str(init.resolve())
     assert params["steps"] == 4 and params["scale"] == 5.0 and (params["width"], params["height"]) == (80, 64)
     assert "--seed 6 --n_samples 1" in params["remake"] and "--strength 0.75" in params["remake"]
+    remake = shlex.split(params["remake"])
+    assert remake[:2] == ["python", "scripts/img2img.py"]
+    img2img.main([*remake[2:], "--outdir", str(tmp_path / "d"), "--device", "cpu", "--no-safety-checker"])
+    assert np.abs(pixels(second) - pixels(tmp_path / "d" / "samples" / "00000.png")).max() <= 1
 
 
 @pytest.mark.parametrize("sampler_flag", [["--plms"], ["--sampler", "dpm"]])
@@ -195,6 +200,7 @@ def test_image_conversions(tmp_path):
         ("small", ["--plms", "--ddim_eta", "0.5"], "--ddim_eta 0.5 needs the ddim sampler"),
         ("small", ["--C", "3"], "--C 3 does not match the model's 4 latent channels"),
         (None, [], "no input image: pass --init-img"),
+        ("small", ["--config", "tests/configs/tiny-inpaint.yaml"], "conditioned on an image too"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_ckpt, tmp_path, make_input, args, message):
