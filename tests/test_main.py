@@ -167,7 +167,7 @@ def test_interrupted_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypa
 def test_autoencoder_trains_without_lpips(tmp_path):
     result = main_py(tmp_path, "-b", TINY_AE, "-t", "-n", "ae", "--scale_lr", "false")
     assert result.returncode == 0, result.stderr[-3000:]
-    rec = metric(only_run(tmp_path), "train/rec_loss_step")
+    rec = metric(only_run(tmp_path), "train/rec_loss")
     assert len(rec) >= 30
     assert sum(rec[-5:]) / 5 < 0.7 * sum(rec[:5]) / 5
 
