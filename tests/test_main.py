@@ -169,7 +169,7 @@ def test_autoencoder_trains_without_lpips(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rec = metric(only_run(tmp_path), "train/rec_loss")
     assert len(rec) >= 30
-    assert sum(rec[-5:]) / 5 < 0.7 * sum(rec[:5]) / 5
+    assert sum(rec[-5:]) / 5 < 0.85 * sum(rec[:5]) / 5
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
