@@ -143,7 +143,9 @@ def test_sigusr1_saves_and_training_goes_on(tmp_path):
         "lightning.callbacks.probe.params.signal_name=SIGUSR1", "lightning.callbacks.probe.params.at_step=2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "last.ckpt at global step 3" in result.stdout  # signalled after step 2, saved at the next batch end
+    assert (
+        "last.ckpt at global step 3" in result.stdout
+    )  # signalled after step 2, saved at the next batch end
     assert ckpt_step(only_run(tmp_path) / "checkpoints" / "last.ckpt") == 5
 
 
@@ -232,3 +234,58 @@ def test_bad_config_stops_before_training(tmp_path, case, message):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert not list(tmp_path.glob("logs/*/checkpoints/*"))
+
+
+def test_finetune_config_builds_the_v1_model_with_folder_data():
+    from ldm.training import check_targets
+
+    config = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml")
+    check_targets(config, "config")
+    assert config.model.params.ucg_training.txt.p == 0.1
+    assert config.data.params.train.target == "ldm.data.captioned_folder.CaptionedImageFolder"
+    del config.model.params.ckpt_path
+    from ldm.util import instantiate_from_config
+
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    assert model.use_ema and sum(p.numel() for p in model.model.parameters()) == 859_520_964
+
+
+def test_finetune_starts_from_a_checkpoint_on_captioned_images(tmp_path, tiny_ldm):
+    from PIL import Image
+
+    from ldm.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "start.ckpt"
+    save_checkpoint(ckpt, tiny_ldm.state_dict(), global_step=123)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (80, 72), color).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"a {color} picture")
+    data = tmp_path / "data.yaml"
+    data.write_text(
+        "data:\n  target: main.DataModuleFromConfig\n  params:\n    batch_size: 2\n    num_workers: 0\n"
+        "    train:\n      target: ldm.data.captioned_folder.CaptionedImageFolder\n"
+        f"      params:\n        root: {images}\n        size: 64\n        flip_p: 0.5\n"
+        "lightning:\n  trainer:\n    max_steps: 2\n    enable_progress_bar: False\n"
+        "  callbacks:\n    image_logger:\n      params:\n        batch_frequency: 1000\n        max_images: 1\n"
+    )
+    result = main_py(
+        tmp_path,
+        "-b",
+        TINY_LDM,
+        str(data),
+        "-t",
+        f"model.params.ckpt_path={ckpt}",
+        "model.params.use_ema=true",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Restored from {ckpt}" in result.stdout
+    assert "the EMA starts from the loaded model weights" in result.stdout
+    trained = torch.load(
+        only_run(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert trained["global_step"] == 2
+    key = "first_stage_model.decoder.conv_out.weight"  # frozen: exactly the starting weights
+    torch.testing.assert_close(trained["state_dict"][key], tiny_ldm.state_dict()[key])
