@@ -19,6 +19,7 @@ from ldm.inference import (
     DEFAULT_CONFIG,
     SAMPLERS,
     UserError,
+    autocast_dtype,
     check_checkpoint,
     load_model,
     make_sampler,
@@ -118,6 +119,28 @@ def add_common_args(
         help="path of a local CompVis/stable-diffusion-safety-checker (default: the HF cache)",
     )
     parser.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
+    parser.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="decode (and encode) in overlapping 64x64-latent tiles, blended: large images in bounded memory",
+    )
+    parser.add_argument(
+        "--attention-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="compute attention N queries at a time (same result, less memory for very large images)",
+    )
+    parser.add_argument(
+        "--lowvram",
+        action="store_true",
+        help="keep only the module in use (text encoder, UNet, VAE) on the GPU; nothing to do on the CPU",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (the first step then includes compiling)",
+    )
 
 
 def choose_sampler(opt: argparse.Namespace) -> str:
@@ -188,6 +211,31 @@ class Session:
         return stack
 
 
+def apply_memory_options(model, opt: argparse.Namespace, device: torch.device, precision: str) -> None:
+    """The model-side effects of --precision autocast (fp16 weights on CUDA, bf16 on the CPU), --vae-tiling,
+    --attention-chunk, --lowvram and --compile."""
+    from ldm.memory import enable_lowvram, low_precision, set_attention_chunk
+
+    dtype = autocast_dtype(precision, device)
+    if dtype is not None:
+        low_precision(model, dtype)
+    if opt.vae_tiling:
+        if not hasattr(model.first_stage_model, "enable_tiling"):
+            raise UserError("--vae-tiling needs a KL autoencoder first stage (AutoencoderKL)")
+        model.first_stage_model.enable_tiling()
+    if opt.attention_chunk is not None:
+        if opt.attention_chunk < 1:
+            raise UserError(f"--attention-chunk must be at least 1, got {opt.attention_chunk}")
+        set_attention_chunk(model, opt.attention_chunk)
+    if opt.lowvram:
+        if device.type == "cpu":
+            print("--lowvram: running on the CPU, where everything already lives in RAM: nothing to offload")
+        else:
+            enable_lowvram(model, device)
+    if opt.compile:
+        model.model.diffusion_model.compile()
+
+
 def open_session(
     opt: argparse.Namespace, config, sampler_name: str, script: str, image_conditioning: bool = False
 ) -> Session:
@@ -208,7 +256,8 @@ def open_session(
     from ldm.checkpoint import model_hash
     from ldm.safety import load_safety_checker
 
-    model = load_model(config, ckpt, device)
+    model = load_model(config, ckpt, torch.device("cpu") if opt.lowvram else device)
+    apply_memory_options(model, opt, device, precision)
     return Session(
         opt=opt,
         script=script,
@@ -235,6 +284,15 @@ class Batch:
         torch.Generator
     )  # for draws that span the batch (eta > 0 noise, mask blending): seeded by seeds[0]
     callback: Callable[[int], None]  # the samplers' per-step callback: advances the steps progress bar
+
+
+def report_step_times(batches: list[list[float]]) -> None:
+    """Print the first sampler step's time (it includes torch.compile's compiling under --compile) and the
+    median of the others; each batch's list holds its start time, then the time each step ended."""
+    first = batches[0][1] - batches[0][0] if batches and len(batches[0]) > 1 else None
+    rest = sorted(b - a for times in batches for a, b in zip(times[1:], times[2:], strict=False))
+    if first is not None and rest:
+        print(f"Sampler steps: first {first:.2f} s, then {rest[len(rest) // 2]:.2f} s per step (median)")
 
 
 def remake_command(session: Session, prompt: str, seed: int, n_samples: int, extra: list[str]) -> str:
@@ -279,6 +337,7 @@ def generate(
         "model": Path(opt.ckpt).name, "model_hash": session.model_hash, **params,
     }  # fmt: skip
     images, written, first_remake, image_index, uc_cache = [], 0, None, 0, {}
+    step_times = []
     start = time.perf_counter()
     for _ in trange(opt.n_iter, desc="Sampling"):
         for prompts in tqdm(batches, desc="data"):
@@ -296,8 +355,9 @@ def generate(
                     c,
                     uc_cache.get(n),
                     torch.Generator().manual_seed(seeds[0]),
-                    lambda _: bar.update(),
+                    lambda _: (bar.update(), step_times[-1].append(time.perf_counter())),
                 )
+                step_times.append([time.perf_counter()])
                 batch_images = render(batch)
             if session.safety_checker is not None:
                 batch_images = session.safety_checker(batch_images)
@@ -324,6 +384,7 @@ def generate(
         grid_folder.save(grid, {**shared, "prompts": prompts, "seed": opt.seed})
         written += 1
     seconds = time.perf_counter() - start
+    report_step_times(step_times)
     if first_remake:
         which = "its batch (image remake_index of it)" if batch_dependent else "one image alone"
         print(f"To re-make {which}, run the command in its PNG metadata, e.g.: {first_remake}")

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.memory import chunked_attention
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
 from ldm.util import default
 
@@ -51,6 +52,7 @@ class CrossAttention(nn.Module):
         context_dim = default(context_dim, query_dim)
         self.scale = dim_head**-0.5
         self.heads = heads
+        self.chunk: int | None = None  # queries per attention call (ldm.memory.set_attention_chunk)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -67,7 +69,7 @@ class CrossAttention(nn.Module):
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         if mask is not None:
             mask = mask.reshape(b, 1, 1, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = chunked_attention(q, k, v, self.chunk, attn_mask=mask, scale=self.scale)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

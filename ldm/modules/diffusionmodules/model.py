@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.memory import chunked_attention
+from ldm.modules.diffusionmodules.util import GroupNorm32
+
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     """SiLU (swish): x * sigmoid(x)."""
@@ -13,7 +16,8 @@ def nonlinearity(x: torch.Tensor) -> torch.Tensor:
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+    """GroupNorm computed in fp32 whatever the activations' dtype (same weights as nn.GroupNorm)."""
+    return GroupNorm32(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):
@@ -101,6 +105,7 @@ class AttnBlock(nn.Module):
     def __init__(self, in_channels: int):
         super().__init__()
         self.in_channels = in_channels
+        self.chunk: int | None = None  # queries per attention call (ldm.memory.set_attention_chunk)
         self.norm = Normalize(in_channels)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
@@ -112,7 +117,7 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         q, k, v = (F.linear(tokens, conv.weight.flatten(1), conv.bias) for conv in (self.q, self.k, self.v))
-        h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        h = chunked_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), self.chunk).squeeze(1)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # [B, HW, C]
         return x + h.transpose(1, 2).reshape(b, c, height, width)
 
@@ -312,7 +317,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
+        """Latents z [B, z_channels, h, w] -> images [B, out_ch, h*f, w*f] in z's dtype (the layers may hold
+        another dtype, see ldm.memory.low_precision)."""
+        h = self.conv_in(z.to(self.conv_in.weight.dtype))
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
@@ -325,5 +332,5 @@ class Decoder(nn.Module):
 
         if self.give_pre_end:
             return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        h = self.conv_out(nonlinearity(self.norm_out(h))).to(z.dtype)
         return torch.tanh(h) if self.tanh_out else h

@@ -403,18 +403,23 @@ class UNetModel(nn.Module):
     def _torso(self) -> list[nn.Module]:
         return [self.input_blocks, self.middle_block, self.output_blocks]
 
-    def convert_to_fp16(self) -> None:
-        """Cast the torso (input, middle and output blocks) to fp16; its GroupNorms keep fp32 weights."""
+    def convert_to_dtype(self, dtype: torch.dtype) -> None:
+        """Hold the torso (input, middle and output blocks) in `dtype`, its GroupNorms in fp32; the timestep
+        embedding and the output layer stay as they are, and forward casts activations to match."""
         for part in self._torso():
-            part.half()
+            part.to(dtype)
             for m in part.modules():
                 if isinstance(m, GroupNorm32):
                     m.float()
+        self.dtype = dtype
+
+    def convert_to_fp16(self) -> None:
+        """Cast the torso to fp16 (see convert_to_dtype)."""
+        self.convert_to_dtype(torch.float16)
 
     def convert_to_fp32(self) -> None:
         """Cast the torso back to fp32."""
-        for part in self._torso():
-            part.float()
+        self.convert_to_dtype(torch.float32)
 
     def forward(
         self,

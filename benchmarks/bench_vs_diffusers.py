@@ -1,0 +1,441 @@
+"""Speed and memory of this project against diffusers, on the same random-init SD v1 weights.
+
+    python benchmarks/bench_vs_diffusers.py [--workdir /tmp/sdbench] [--reps 3] [--write BENCHMARKS.md]
+
+Saves a full-size random-weights SD v1 checkpoint once (`.ckpt` and `.safetensors` in --workdir), converts it
+to diffusers with diffusers' own helpers (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`; the CLIP
+text model takes the same weights), then measures, alternating the two implementations in one process: the
+UNet step (batch 2, classifier-free guidance) at 256² and 512² with its FLOP count, VAE decode, text encoding;
+and, each in a fresh process, model load (time, peak RSS) and end-to-end txt2img (wall time, peak RSS).
+The machine's fp32/bf16 GEMM peak puts the UNet step in context. With `--cuda` it instead measures fp16
+sampling speed (it/s) and peak VRAM at 512² (batch 1, 50 steps) and 768².
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = ROOT / "configs/stable-diffusion/v1-inference.yaml"
+PROMPT = "a photograph of an astronaut riding a horse"
+SCALE = 7.5
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(result: dict) -> None:
+    """A child's result: one JSON line the parent picks out of its stdout."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def prepare(workdir: Path) -> None:
+    """Save random-init SD v1 weights (seed 0) as model.ckpt and model.safetensors, once.
+
+    Zero-initialized layers (the UNet's output convs) get small random weights too, so images are not trivial."""
+    if (workdir / "model.safetensors").exists() and (workdir / "model.ckpt").exists():
+        return
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config, save_checkpoint
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = load_model_from_config(OmegaConf.load(CONFIG), None, verbose=False)
+    state_dict = model.state_dict()
+    with torch.no_grad():
+        for tensor in state_dict.values():
+            if tensor.is_floating_point() and tensor.ndim > 1 and not tensor.any():
+                tensor.normal_(0.0, 0.02)
+    save_checkpoint(workdir / "model.safetensors", state_dict)
+    save_checkpoint(workdir / "model.ckpt", state_dict)
+
+
+def tensor_bytes(path: Path) -> int:
+    from ldm.checkpoint import read_state_dict
+
+    state_dict, _ = read_state_dict(path)
+    return sum(t.numel() * t.element_size() for t in state_dict.values())
+
+
+def load_ours(path: Path, device: str = "cpu"):
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+
+    return load_model_from_config(OmegaConf.load(CONFIG), str(path), device=device, verbose=False)
+
+
+def load_diffusers(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """diffusers UNet2DConditionModel / AutoencoderKL and transformers CLIPTextModel holding the checkpoint's
+    weights, converted with diffusers' single-file helpers; models built on the meta device and assigned the
+    converted tensors (what diffusers does with accelerate installed)."""
+    import safetensors.torch
+    import yaml
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sf
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.modules.encoders.modules import VIT_L14_TEXT_CONFIG
+
+    original_config = yaml.safe_load(CONFIG.read_text())
+    checkpoint = safetensors.torch.load_file(str(path))
+    unet_config = sf.create_unet_diffusers_config_from_ldm(original_config, checkpoint)
+    vae_config = sf.create_vae_diffusers_config_from_ldm(original_config, checkpoint)
+    unet_sd = sf.convert_ldm_unet_checkpoint(checkpoint, unet_config)
+    vae_sd = sf.convert_ldm_vae_checkpoint(checkpoint, vae_config)
+    prefix = "cond_stage_model.transformer."
+    text_sd = {k[len(prefix) :]: checkpoint[k] for k in checkpoint if k.startswith(prefix)}
+    del checkpoint
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(**vae_config)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**VIT_L14_TEXT_CONFIG))
+    if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):
+        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+    text_sd = {k: v for k, v in text_sd.items() if not k.endswith("position_ids")}
+    models = {}
+    for name, model, sd in (
+        ("unet", unet, unet_sd),
+        ("vae", vae, vae_sd),
+        ("text_encoder", text_encoder, text_sd),
+    ):
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise RuntimeError(f"diffusers {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for module in model.modules():
+            ids = module._buffers.get("position_ids")
+            if ids is not None and ids.is_meta:
+                module.position_ids = torch.arange(ids.shape[-1]).expand(ids.shape)
+        models[name] = model.to(device=device, dtype=dtype).eval()
+    return models
+
+
+def diffusers_pipeline(models: dict):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm.modules.encoders.modules import builtin_clip_tokenizer
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=models["vae"],
+        text_encoder=models["text_encoder"],
+        tokenizer=builtin_clip_tokenizer(),
+        unet=models["unet"],
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+
+def child_load(impl: str, path: Path) -> None:
+    start = time.perf_counter()
+    if impl == "ours":
+        load_ours(path)
+    else:
+        load_diffusers(path)
+    emit({"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib()})
+
+
+def child_e2e(impl: str, path: Path, size: int, steps: int, outdir: Path) -> None:
+    """Everything a user waits for: imports, load, text, sampling, decode, PNG."""
+    if impl == "ours":
+        from scripts.txt2img import main
+
+        main(
+            ["--prompt", PROMPT, "--ckpt", str(path), "--H", str(size), "--W", str(size), "--ddim_steps",
+             str(steps), "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--no-safety-checker",
+             "--outdir", str(outdir)]
+        )  # fmt: skip
+    else:
+        pipe = diffusers_pipeline(load_diffusers(path))
+        generator = torch.Generator().manual_seed(42)
+        image = pipe(
+            PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=SCALE,
+            generator=generator, eta=0.0,
+        ).images[0]  # fmt: skip
+        outdir.mkdir(parents=True, exist_ok=True)
+        image.save(outdir / "diffusers.png")
+    emit({"peak_rss_mib": peak_rss_mib()})
+
+
+def run_child(args: list[str]) -> dict:
+    """Run this script as a child; its result plus the wall time of the whole process."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, check=False
+    )
+    seconds = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"child {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return {"wall_s": seconds, **json.loads(lines[-1][len("RESULT ") :])}
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def timed(fn, reps: int, sync=lambda: None) -> float:
+    """Seconds of one call of `fn` (one untimed warm-up first)."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / reps
+
+
+def alternate(fns: dict, reps: int) -> dict:
+    """Median seconds per call of each function, calls interleaved (order flipped each round) so that
+    machine drift hits both alike; one warm-up call each first."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """GFLOP/s of n x n @ n x n matmuls in `dtype` on the CPU."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    seconds = timed(lambda: a @ b, reps)
+    return 2 * n**3 / seconds / 1e9
+
+
+def unet_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def micro(path: Path, reps: int) -> dict:
+    """In-process, interleaved: UNet step, VAE decode and text encoding of both implementations."""
+    ours = load_ours(path)
+    theirs = load_diffusers(path)
+    tokenizer = diffusers_pipeline(theirs).tokenizer
+    results = {}
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        c = ours.get_learned_conditioning(["", PROMPT])
+        for size in (256, 512):
+            x = torch.randn(2, 4, size // 8, size // 8)
+            t = torch.full((2,), 500, dtype=torch.long)
+            fns = {
+                "ours": lambda x=x, t=t: ours.apply_model(x, t, c),
+                "diffusers": lambda x=x, t=t: theirs["unet"](x, t, encoder_hidden_states=c).sample,
+            }
+            results[f"unet_step_{size}"] = alternate(fns, reps)
+            results[f"unet_flops_{size}"] = unet_flops(fns["ours"])
+            diff = (fns["ours"]() - fns["diffusers"]()).abs().max().item()
+            results[f"unet_maxdiff_{size}"] = diff
+        z = torch.randn(1, 4, 64, 64)
+        results["vae_decode_512"] = alternate(
+            {
+                "ours": lambda: ours.decode_first_stage(z),
+                "diffusers": lambda: theirs["vae"].decode(z / ours.scale_factor).sample,
+            },
+            max(1, reps - 1),
+        )
+
+        def encode_diffusers():
+            ids = tokenizer(
+                ["", PROMPT], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            )
+            return theirs["text_encoder"](ids.input_ids).last_hidden_state
+
+        results["text_encode"] = alternate(
+            {"ours": lambda: ours.get_learned_conditioning(["", PROMPT]), "diffusers": encode_diffusers}, 5
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+
+def cuda_bench(path: Path) -> dict:
+    """fp16 sampling speed (it/s) and peak VRAM of both implementations at 512² (batch 1, 50 steps) and 768²."""
+    from ldm.memory import half_precision
+
+    device = torch.device("cuda")
+    results = {}
+    ours = load_ours(path, device="cuda")
+    half_precision(ours)
+    theirs = load_diffusers(path, device="cuda", dtype=torch.float16)
+    pipe = diffusers_pipeline(theirs).to(device)
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    sampler = DDIMSampler(ours)
+    for size, steps in ((512, 50), (768, 50)):
+        for impl in ("ours", "diffusers"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+                if impl == "ours":
+                    c = ours.get_learned_conditioning([PROMPT])
+                    uc = ours.get_learned_conditioning([""])
+                    z, _ = sampler.sample(S=steps, batch_size=1, shape=(4, size // 8, size // 8), conditioning=c,
+                                          unconditional_guidance_scale=SCALE, unconditional_conditioning=uc,
+                                          verbose=False)  # fmt: skip
+                    ours.decode_first_stage(z)
+                else:
+                    pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=SCALE)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            results[f"{impl}_{size}"] = {
+                "it_per_s": steps / seconds,
+                "peak_vram_mib": torch.cuda.max_memory_allocated() / 2**20,
+            }
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    )
+
+
+def table(results: dict, peaks: dict) -> str:
+    rows = ["| measurement | this project | diffusers | ratio |", "|---|---:|---:|---:|"]
+
+    def row(name: str, ours: float, theirs: float, unit: str, extra_ours: str = "", extra_theirs: str = ""):
+        rows.append(
+            f"| {name} | {ours:.3g} {unit}{extra_ours} | {theirs:.3g} {unit}{extra_theirs} | {ours / theirs:.2f} |"
+        )
+
+    for size in (256, 512):
+        step = results[f"unet_step_{size}"]
+        flops = results[f"unet_flops_{size}"]
+
+        def of_peak(seconds: float, flops: int = flops) -> str:
+            return (
+                f" ({flops / seconds / 1e9:.0f} GFLOP/s, {flops / seconds / 1e9 / peaks['fp32']:.0%} of peak)"
+            )
+
+        row(
+            f"UNet step {size}² (batch 2, {flops / 1e12:.2f} TFLOP)",
+            step["ours"], step["diffusers"], "s", of_peak(step["ours"]), of_peak(step["diffusers"]),
+        )  # fmt: skip
+    for key, name in (("vae_decode_512", "VAE decode 512²"), ("text_encode", "text encoding (2 prompts)")):
+        row(name, results[key]["ours"], results[key]["diffusers"], "s")
+    for key, name in (("load_safetensors", "model load (.safetensors)"),):
+        r = results[key]
+        row(f"{name}: time", r["ours"]["seconds"], r["diffusers"]["seconds"], "s")
+        row(f"{name}: peak RSS", r["ours"]["peak_rss_mib"], r["diffusers"]["peak_rss_mib"], "MiB")
+    for key in ("e2e_256_10", "e2e_512_2"):
+        _, size, steps = key.split("_")
+        r = results[key]
+        row(f"txt2img {size}², DDIM {steps} steps: wall", r["ours"]["wall_s"], r["diffusers"]["wall_s"], "s")
+        row(f"txt2img {size}², DDIM {steps} steps: peak RSS", r["ours"]["peak_rss_mib"],
+            r["diffusers"]["peak_rss_mib"], "MiB")  # fmt: skip
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdbench"))
+    parser.add_argument(
+        "--reps", type=int, default=3, help="timed repetitions of each in-process measurement"
+    )
+    parser.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
+    parser.add_argument("--cuda", action="store_true", help="measure fp16 it/s and peak VRAM on the GPU")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    opt = parser.parse_args()
+    if opt.child:
+        kind, impl, path, *rest = opt.child
+        if kind == "load":
+            child_load(impl, Path(path))
+        else:
+            child_e2e(impl, Path(path), int(rest[0]), int(rest[1]), Path(rest[2]))
+        return
+
+    prepare(opt.workdir)
+    path = opt.workdir / "model.safetensors"
+    if opt.cuda:
+        print(json.dumps(cuda_bench(path), indent=2))
+        return
+    command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
+    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16, n=2048, reps=2)}
+    print(f"GEMM peak: {peaks}", flush=True)
+    results = micro(path, opt.reps)
+    print(json.dumps(results), flush=True)
+    results["load_safetensors"] = {}
+    for impl in ("ours", "diffusers"):
+        results["load_safetensors"][impl] = run_child(["--child", "load", impl, str(path)])
+        print(impl, results["load_safetensors"][impl], flush=True)
+    for size, steps in ((256, 10), (512, 2)):
+        key = f"e2e_{size}_{steps}"
+        results[key] = {}
+        for impl in ("ours", "diffusers") if size == 256 else ("diffusers", "ours"):
+            out = opt.workdir / f"out-{impl}-{size}"
+            results[key][impl] = run_child(
+                ["--child", "e2e", impl, str(path), str(size), str(steps), str(out)]
+            )
+            print(key, impl, results[key][impl], flush=True)
+    text = (
+        f"Machine: {machine()}. GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s (4096² matmul), "
+        f"bf16 {peaks['bf16']:.0f} GFLOP/s (2048²).\n"
+        f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process; load and txt2img each "
+        "once in a fresh process).\n\n" + table(results, peaks) + "\n\n"
+        f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
+        f"512²: {results['unet_maxdiff_512']:.2e}.\n"
+    )
+    print(text)
+    (opt.workdir / "results.json").write_text(json.dumps({"peaks": peaks, **results}, indent=2))
+    if opt.write:
+        with open(opt.write, "a", encoding="utf-8") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
