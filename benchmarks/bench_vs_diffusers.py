@@ -124,7 +124,7 @@ def load_diffusers(path: Path, device: str = "cpu", dtype: torch.dtype = torch.f
             ids = module._buffers.get("position_ids")
             if ids is not None and ids.is_meta:
                 module.position_ids = torch.arange(ids.shape[-1]).expand(ids.shape)
-        models[name] = model.to(device=device, dtype=dtype).eval()
+        models[name] = model.to(device=device, dtype=None if dtype == torch.float32 else dtype).eval()
     return models
 
 
@@ -379,6 +379,24 @@ def table(results: dict, peaks: dict) -> str:
     return "\n".join(rows)
 
 
+def load_table(results: dict) -> str:
+    """Peak RSS of loading through ldm.checkpoint.load_model_from_config against the checkpoint's tensor bytes."""
+    tensors = results["tensor_mib"]
+    rows = [
+        "| checkpoint | load time | peak RSS | peak RSS / tensor bytes |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in (
+        (".safetensors", results["load_safetensors"]["ours"]),
+        (".ckpt", results["load_ckpt_ours"]),
+    ):
+        rows.append(
+            f"| {name} ({tensors:.0f} MiB of tensors) | {r['seconds']:.1f} s | {r['peak_rss_mib']:.0f} MiB "
+            f"| {r['peak_rss_mib'] / tensors:.2f}x |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -407,12 +425,13 @@ def main() -> None:
     command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16, n=2048, reps=2)}
     print(f"GEMM peak: {peaks}", flush=True)
-    results = micro(path, opt.reps)
-    print(json.dumps(results), flush=True)
+    results = {}
     results["load_safetensors"] = {}
     for impl in ("ours", "diffusers"):
         results["load_safetensors"][impl] = run_child(["--child", "load", impl, str(path)])
         print(impl, results["load_safetensors"][impl], flush=True)
+    results["load_ckpt_ours"] = run_child(["--child", "load", "ours", str(opt.workdir / "model.ckpt")])
+    results["tensor_mib"] = tensor_bytes(path) / 2**20
     for size, steps in ((256, 10), (512, 2)):
         key = f"e2e_{size}_{steps}"
         results[key] = {}
@@ -422,13 +441,15 @@ def main() -> None:
                 ["--child", "e2e", impl, str(path), str(size), str(steps), str(out)]
             )
             print(key, impl, results[key][impl], flush=True)
+    results.update(micro(path, opt.reps))
+    print(json.dumps(results), flush=True)
     text = (
         f"Machine: {machine()}. GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s (4096² matmul), "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s (2048²).\n"
         f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process; load and txt2img each "
         "once in a fresh process).\n\n" + table(results, peaks) + "\n\n"
         f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
-        f"512²: {results['unet_maxdiff_512']:.2e}.\n"
+        f"512²: {results['unet_maxdiff_512']:.2e}.\n\n" + load_table(results)
     )
     print(text)
     (opt.workdir / "results.json").write_text(json.dumps({"peaks": peaks, **results}, indent=2))

@@ -1,0 +1,138 @@
+"""Before/after numbers of this project's speed and memory options on the full-size SD v1 model (CPU, fp32
+unless said): channels_last, bf16 weights, chunked attention, tiled VAE decode, and the bf16 image difference.
+
+    python benchmarks/bench_options.py [--workdir /tmp/sdbench] [--reps 3]
+
+Uses the random-weights checkpoint that bench_vs_diffusers.py saves. Timings interleave the variants.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_vs_diffusers import PROMPT, alternate, load_ours, machine, prepare  # noqa: E402
+
+from ldm.inference import precision_scope  # noqa: E402
+from ldm.memory import low_precision, set_attention_chunk  # noqa: E402
+from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdbench"))
+    parser.add_argument("--reps", type=int, default=3)
+    opt = parser.parse_args()
+    prepare(opt.workdir)
+    cpu = torch.device("cpu")
+    fp32 = load_ours(opt.workdir / "model.safetensors")
+    bf16 = copy.deepcopy(fp32)
+    low_precision(bf16, torch.bfloat16)
+    results = {"machine": machine()}
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        c = fp32.get_learned_conditioning(["", PROMPT])
+        x = torch.randn(2, 4, 32, 32)
+        t = torch.full((2,), 500, dtype=torch.long)
+        unet = fp32.model.diffusion_model
+
+        def channels_last():
+            unet.to(memory_format=torch.channels_last)
+            out = fp32.apply_model(x.contiguous(memory_format=torch.channels_last), t, c)
+            unet.to(memory_format=torch.contiguous_format)
+            return out
+
+        def bf16_step():
+            with precision_scope("autocast", cpu):
+                return bf16.apply_model(x, t, c)
+
+        def autocast_only():
+            with precision_scope("autocast", cpu):
+                return fp32.apply_model(x, t, c)
+
+        def chunked():
+            set_attention_chunk(fp32, 256)
+            out = fp32.apply_model(x, t, c)
+            set_attention_chunk(fp32, None)
+            return out
+
+        plain = fp32.apply_model(x, t, c)
+        fns = {
+            "fp32": lambda: fp32.apply_model(x, t, c),
+            "fp32 channels_last": channels_last,
+            "fp32 attention chunk 256": chunked,
+            "bf16 weights + autocast": bf16_step,
+            "fp32 weights + bf16 autocast": autocast_only,
+        }
+        results["unet_step_256_s"] = alternate(fns, opt.reps)
+        results["unet_step_256_maxdiff_vs_fp32"] = {
+            name: (fn().float() - plain).abs().max().item() for name, fn in fns.items()
+        }
+        print(json.dumps(results, indent=1), flush=True)
+
+        z = torch.randn(1, 4, 64, 64)
+        image32 = fp32.decode_first_stage(z)
+        vae = fp32.first_stage_model
+        results["vae_decode_512_s"] = alternate(
+            {
+                "fp32": lambda: fp32.decode_first_stage(z),
+                "bf16 decoder": lambda: bf16.decode_first_stage(z),
+            },
+            max(1, opt.reps - 1),
+        )
+        results["vae_decode_512_bf16_maxdiff"] = (
+            (bf16.decode_first_stage(z).float() - image32).abs().max().item()
+        )
+
+        z96 = torch.randn(1, 4, 96, 96)
+        start = time.perf_counter()
+        untiled = fp32.decode_first_stage(z96)
+        results["vae_decode_768_untiled_s"] = time.perf_counter() - start
+        vae.enable_tiling(64, 16)
+        start = time.perf_counter()
+        tiled = fp32.decode_first_stage(z96)
+        results["vae_decode_768_tiled_s"] = time.perf_counter() - start
+        vae.enable_tiling(None)
+        diff = (tiled - untiled).abs()
+        results["vae_decode_768_tiled_vs_untiled"] = {
+            "max": diff.max().item(),
+            "mean": diff.mean().item(),
+            "image_std": untiled.std().item(),
+        }
+        print(json.dumps(results, indent=1), flush=True)
+
+        def txt2img(model, precision):
+            with precision_scope(precision, cpu):
+                cond = model.get_learned_conditioning([PROMPT])
+                uncond = model.get_learned_conditioning([""])
+                x_T = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(42))
+                samples, _ = DDIMSampler(model).sample(
+                    S=10, batch_size=1, shape=(4, 32, 32), conditioning=cond, unconditional_guidance_scale=7.5,
+                    unconditional_conditioning=uncond, x_T=x_T, verbose=False,
+                )  # fmt: skip
+                image = model.decode_first_stage(samples).float().clamp(-1, 1)
+            return ((image + 1) * 127.5).round()
+
+        start = time.perf_counter()
+        pixels32 = txt2img(fp32, "full")
+        results["txt2img_256_10_fp32_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        pixels16 = txt2img(bf16, "autocast")
+        results["txt2img_256_10_bf16_s"] = time.perf_counter() - start
+        pixel_diff = (pixels16 - pixels32).abs()
+        results["txt2img_256_10_bf16_vs_fp32_pixels"] = {
+            "max": pixel_diff.max().item(),
+            "mean": pixel_diff.mean().item(),
+        }
+    print(json.dumps(results, indent=1))
+    (opt.workdir / "options.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
