@@ -141,10 +141,12 @@ def diffusers_pipeline(models: dict):
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    tokenizer = builtin_clip_tokenizer()
+    tokenizer.model_max_length = 77
     return StableDiffusionPipeline(
         vae=models["vae"],
         text_encoder=models["text_encoder"],
-        tokenizer=builtin_clip_tokenizer(),
+        tokenizer=tokenizer,
         unet=models["unet"],
         scheduler=scheduler,
         safety_checker=None,
@@ -200,6 +202,10 @@ def run_child(args: list[str]) -> dict:
     return {"wall_s": seconds, **json.loads(lines[-1][len("RESULT ") :])}
 
 
+def child_args(opt: argparse.Namespace, *args: str) -> list[str]:
+    return [*(["--threads", str(opt.threads)] if opt.threads else []), "--child", *args]
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 
@@ -214,10 +220,10 @@ def timed(fn, reps: int, sync=lambda: None) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def alternate(fns: dict, reps: int) -> dict:
+def alternate(fns: dict, reps: int, warmup: bool = True) -> dict:
     """Median seconds per call of each function, calls interleaved (order flipped each round) so that
-    machine drift hits both alike; one warm-up call each first."""
-    for fn in fns.values():
+    machine drift hits both alike; one warm-up call each first unless `warmup` is False."""
+    for fn in fns.values() if warmup else ():
         fn()
     times = {name: [] for name in fns}
     names = list(fns)
@@ -260,17 +266,18 @@ def micro(path: Path, reps: int) -> dict:
                 "ours": lambda x=x, t=t: ours.apply_model(x, t, c),
                 "diffusers": lambda x=x, t=t: theirs["unet"](x, t, encoder_hidden_states=c).sample,
             }
-            results[f"unet_step_{size}"] = alternate(fns, reps)
+            # 512² reuses the 256² warm-up: one step there takes a minute on a 2-core machine
+            results[f"unet_step_{size}"] = alternate(fns, reps if size == 256 else 1, warmup=size == 256)
             results[f"unet_flops_{size}"] = unet_flops(fns["ours"])
             diff = (fns["ours"]() - fns["diffusers"]()).abs().max().item()
             results[f"unet_maxdiff_{size}"] = diff
-        z = torch.randn(1, 4, 64, 64)
-        results["vae_decode_512"] = alternate(
+        z = torch.randn(1, 4, 32, 32)
+        results["vae_decode_256"] = alternate(
             {
                 "ours": lambda: ours.decode_first_stage(z),
                 "diffusers": lambda: theirs["vae"].decode(z / ours.scale_factor).sample,
             },
-            max(1, reps - 1),
+            reps,
         )
 
         def encode_diffusers():
@@ -364,7 +371,7 @@ def table(results: dict, peaks: dict) -> str:
             f"UNet step {size}² (batch 2, {flops / 1e12:.2f} TFLOP)",
             step["ours"], step["diffusers"], "s", of_peak(step["ours"]), of_peak(step["diffusers"]),
         )  # fmt: skip
-    for key, name in (("vae_decode_512", "VAE decode 512²"), ("text_encode", "text encoding (2 prompts)")):
+    for key, name in (("vae_decode_256", "VAE decode 256²"), ("text_encode", "text encoding (2 prompts)")):
         row(name, results[key]["ours"], results[key]["diffusers"], "s")
     for key, name in (("load_safetensors", "model load (.safetensors)"),):
         r = results[key]
@@ -407,8 +414,13 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
     parser.add_argument("--cuda", action="store_true", help="measure fp16 it/s and peak VRAM on the GPU")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for both implementations (default: torch's)"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     opt = parser.parse_args()
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
     if opt.child:
         kind, impl, path, *rest = opt.child
         if kind == "load":
@@ -428,9 +440,9 @@ def main() -> None:
     results = {}
     results["load_safetensors"] = {}
     for impl in ("ours", "diffusers"):
-        results["load_safetensors"][impl] = run_child(["--child", "load", impl, str(path)])
+        results["load_safetensors"][impl] = run_child(child_args(opt, "load", impl, str(path)))
         print(impl, results["load_safetensors"][impl], flush=True)
-    results["load_ckpt_ours"] = run_child(["--child", "load", "ours", str(opt.workdir / "model.ckpt")])
+    results["load_ckpt_ours"] = run_child(child_args(opt, "load", "ours", str(opt.workdir / "model.ckpt")))
     results["tensor_mib"] = tensor_bytes(path) / 2**20
     for size, steps in ((256, 10), (512, 2)):
         key = f"e2e_{size}_{steps}"
@@ -438,7 +450,7 @@ def main() -> None:
         for impl in ("ours", "diffusers") if size == 256 else ("diffusers", "ours"):
             out = opt.workdir / f"out-{impl}-{size}"
             results[key][impl] = run_child(
-                ["--child", "e2e", impl, str(path), str(size), str(steps), str(out)]
+                child_args(opt, "e2e", impl, str(path), str(size), str(steps), str(out))
             )
             print(key, impl, results[key][impl], flush=True)
     results.update(micro(path, opt.reps))
@@ -446,8 +458,8 @@ def main() -> None:
     text = (
         f"Machine: {machine()}. GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s (4096² matmul), "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s (2048²).\n"
-        f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process; load and txt2img each "
-        "once in a fresh process).\n\n" + table(results, peaks) + "\n\n"
+        f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process, one run each for the "
+        "512² UNet step; load and txt2img each once in a fresh process).\n\n" + table(results, peaks) + "\n\n"
         f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
         f"512²: {results['unet_maxdiff_512']:.2e}.\n\n" + load_table(results)
     )

@@ -137,6 +137,13 @@ def add_common_args(
         help="keep only the module in use (text encoder, UNet, VAE) on the GPU; nothing to do on the CPU",
     )
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: one per core; use fewer when other processes keep cores busy, "
+        "since oversubscribed threads run several times slower)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the UNet (the first step then includes compiling)",
@@ -232,6 +239,10 @@ def apply_memory_options(model, opt: argparse.Namespace, device: torch.device, p
             print("--lowvram: running on the CPU, where everything already lives in RAM: nothing to offload")
         else:
             enable_lowvram(model, device)
+    if opt.threads is not None:
+        if opt.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {opt.threads}")
+        torch.set_num_threads(opt.threads)
     if opt.compile:
         model.model.diffusion_model.compile()
 

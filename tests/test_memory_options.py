@@ -126,7 +126,7 @@ def test_lowvram_gives_the_plain_image_on_cpu(tiny_ldm):
 
 
 def memory_flags(**kw) -> argparse.Namespace:
-    flags = dict(vae_tiling=False, attention_chunk=None, lowvram=False, compile=False)
+    flags = dict(vae_tiling=False, attention_chunk=None, lowvram=False, compile=False, threads=None)
     return argparse.Namespace(**{**flags, **kw})
 
 
