@@ -354,8 +354,10 @@ def table(results: dict, peaks: dict) -> str:
     rows = ["| measurement | this project | diffusers | ratio |", "|---|---:|---:|---:|"]
 
     def row(name: str, ours: float, theirs: float, unit: str, extra_ours: str = "", extra_theirs: str = ""):
+        fmt = ".0f" if unit == "MiB" else ".3g"
         rows.append(
-            f"| {name} | {ours:.3g} {unit}{extra_ours} | {theirs:.3g} {unit}{extra_theirs} | {ours / theirs:.2f} |"
+            f"| {name} | {ours:{fmt}} {unit}{extra_ours} | {theirs:{fmt}} {unit}{extra_theirs} "
+            f"| {ours / theirs:.2f} |"
         )
 
     for size in (256, 512):
@@ -404,37 +406,8 @@ def load_table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdbench"))
-    parser.add_argument(
-        "--reps", type=int, default=3, help="timed repetitions of each in-process measurement"
-    )
-    parser.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
-    parser.add_argument("--cuda", action="store_true", help="measure fp16 it/s and peak VRAM on the GPU")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads for both implementations (default: torch's)"
-    )
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    opt = parser.parse_args()
-    if opt.threads:
-        torch.set_num_threads(opt.threads)
-    if opt.child:
-        kind, impl, path, *rest = opt.child
-        if kind == "load":
-            child_load(impl, Path(path))
-        else:
-            child_e2e(impl, Path(path), int(rest[0]), int(rest[1]), Path(rest[2]))
-        return
-
-    prepare(opt.workdir)
-    path = opt.workdir / "model.safetensors"
-    if opt.cuda:
-        print(json.dumps(cuda_bench(path), indent=2))
-        return
-    command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
+def measure(opt: argparse.Namespace, path: Path) -> tuple[dict, dict]:
+    """GEMM peaks and every measurement: load and txt2img in child processes, then the in-process ones."""
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16, n=2048, reps=2)}
     print(f"GEMM peak: {peaks}", flush=True)
     results = {}
@@ -455,16 +428,59 @@ def main() -> None:
             print(key, impl, results[key][impl], flush=True)
     results.update(micro(path, opt.reps))
     print(json.dumps(results), flush=True)
+    return peaks, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdbench"))
+    parser.add_argument(
+        "--reps", type=int, default=3, help="timed repetitions of each in-process measurement"
+    )
+    parser.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
+    parser.add_argument("--cuda", action="store_true", help="measure fp16 it/s and peak VRAM on the GPU")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for both implementations (default: torch's)"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only rebuild the report from --workdir/results.json"
+    )
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    opt = parser.parse_args()
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    if opt.child:
+        kind, impl, path, *rest = opt.child
+        if kind == "load":
+            child_load(impl, Path(path))
+        else:
+            child_e2e(impl, Path(path), int(rest[0]), int(rest[1]), Path(rest[2]))
+        return
+
+    prepare(opt.workdir)
+    path = opt.workdir / "model.safetensors"
+    if opt.cuda:
+        print(json.dumps(cuda_bench(path), indent=2))
+        return
+    if opt.report:
+        saved = json.loads((opt.workdir / "results.json").read_text())
+        peaks, command, results = saved.pop("peaks"), saved.pop("command"), saved
+    else:
+        command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
+        peaks, results = measure(opt, path)
+        saved = {"peaks": peaks, "command": command, **results}
+        (opt.workdir / "results.json").write_text(json.dumps(saved, indent=2))
     text = (
         f"Machine: {machine()}. GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s (4096² matmul), "
-        f"bf16 {peaks['bf16']:.0f} GFLOP/s (2048²).\n"
+        f"bf16 {peaks['bf16']:.2f} GFLOP/s (2048²).\n"
         f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process, one run each for the "
         "512² UNet step; load and txt2img each once in a fresh process).\n\n" + table(results, peaks) + "\n\n"
         f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
         f"512²: {results['unet_maxdiff_512']:.2e}.\n\n" + load_table(results)
     )
     print(text)
-    (opt.workdir / "results.json").write_text(json.dumps({"peaks": peaks, **results}, indent=2))
     if opt.write:
         with open(opt.write, "a", encoding="utf-8") as f:
             f.write(text)
