@@ -7,7 +7,6 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -70,14 +69,6 @@ def resolve_model(ckpt: str, config: str | None = None) -> tuple[str, str]:
     return str(config or model.config), str(model.ckpt)
 
 
-def read_training_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, metadata) of a main.py checkpoint. Lightning also pickles the LR scheduler's state, which
-    holds numpy scalars: those (and only those) are allowed on top of ldm.checkpoint's safe unpickling."""
-    numpy_scalars = [np.dtype, type(np.dtype(np.float64)), np._core.multiarray.scalar]
-    with torch.serialization.safe_globals(numpy_scalars):
-        return read_state_dict(path)
-
-
 def inference_state_dict(
     state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
@@ -106,7 +97,7 @@ def export_bundled(
     """Write `out_dir/config.yaml` and `out_dir/model.safetensors` from a LatentDiffusion training run:
     EMA weights, the measured `scale_factor` in the config, no EMA copies, no first-stage `ckpt_path`."""
     config = OmegaConf.load(training_config)
-    state_dict, metadata = read_training_checkpoint(training_ckpt)
+    state_dict, metadata = read_state_dict(training_ckpt)
     params = config.model.params
     if "scale_factor" in state_dict:
         params.scale_factor = round(float(state_dict["scale_factor"]), 5)
@@ -135,7 +126,7 @@ def export_first_stage(
     """Write `out_dir/config.yaml` and `out_dir/model.safetensors` from an AutoencoderKL training run: the
     autoencoder's weights without its training loss (`loss.*`), and a config whose loss is torch.nn.Identity."""
     config = OmegaConf.load(training_config)
-    state_dict, metadata = read_training_checkpoint(training_ckpt)
+    state_dict, metadata = read_state_dict(training_ckpt)
     config.model.params.lossconfig = {"target": "torch.nn.Identity"}
     config.model.params.pop("ckpt_path", None)
     weights = {

@@ -11,6 +11,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
@@ -32,7 +33,15 @@ class _LightningCallbackRef:
     `weights_only=True`, without importing Lightning or running anything from the file."""
 
 
-_SAFE_GLOBALS = [(_LightningCallbackRef, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+_numpy_core = getattr(np, "_core", None) or np.core
+# Lightning checkpoints also pickle the LR scheduler's state, which holds numpy scalars: rebuilding one from
+# its dtype and bytes runs no code, so those three names are allowed too.
+_SAFE_GLOBALS = [
+    (_LightningCallbackRef, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    np.dtype,
+    type(np.dtype(np.float64)),
+    _numpy_core.multiarray.scalar,
+]
 
 
 def read_state_dict(

@@ -150,6 +150,25 @@ def add_common_args(
     )
 
 
+def apply_bundled_model(opt: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """`--ckpt NAME` of a model bundled with the project (e.g. `shapes`): its config and weights, and its image
+    size and guidance scale wherever the user left the script's defaults."""
+    from ldm.bundled import bundled_model, resolve_model
+
+    model = None if Path(opt.ckpt).is_file() else bundled_model(opt.ckpt)
+    if model is None:
+        return opt
+    config_given = opt.config != parser.get_default("config")
+    try:
+        opt.config, opt.ckpt = resolve_model(opt.ckpt, opt.config if config_given else None)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    for flag, value in (("H", model.height), ("W", model.width), ("scale", model.scale)):
+        if hasattr(opt, flag) and getattr(opt, flag) == parser.get_default(flag):
+            setattr(opt, flag, value)
+    return opt
+
+
 def choose_sampler(opt: argparse.Namespace) -> str:
     """ "ddim", "plms" or "dpm" from --sampler / --plms / --dpm_solver; conflicting flags are an error."""
     flagged = [name for name, on in (("plms", opt.plms), ("dpm", opt.dpm_solver)) if on]

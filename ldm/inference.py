@@ -92,7 +92,8 @@ def check_checkpoint(ckpt: str) -> Path:
     if Path(ckpt) == Path(DEFAULT_CKPT):
         raise UserError(
             f"no checkpoint at {DEFAULT_CKPT}: download sd-v1-4.ckpt (huggingface.co/CompVis/"
-            "stable-diffusion-v-1-4-original, after accepting its license) and save it there, or pass --ckpt PATH"
+            "stable-diffusion-v-1-4-original, after accepting its license) and save it there, pass --ckpt PATH, "
+            "or try the small model that ships with the project: --ckpt shapes"
         )
     raise UserError(f"checkpoint {ckpt} not found: pass --ckpt with the path of a .ckpt or .safetensors file")
 

@@ -18,7 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from ldm.cli import Batch, add_common_args, check_args, choose_sampler, generate, open_session, read_prompts  # noqa: E402
+from ldm.cli import (  # noqa: E402
+    Batch,
+    add_common_args,
+    apply_bundled_model,
+    check_args,
+    choose_sampler,
+    generate,
+    open_session,
+    read_prompts,
+)
 from ldm.image_input import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     fit_size,
@@ -59,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse input images with more pixels than this (default {DEFAULT_MAX_PIXELS}, i.e. 2048x2048)",
     )
-    return parser.parse_args(argv)
+    return apply_bundled_model(parser.parse_args(argv), parser)
 
 
 def main(argv: list[str] | None = None) -> None:

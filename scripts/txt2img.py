@@ -6,7 +6,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.cli import Batch, add_common_args, check_args, choose_sampler, generate, open_session, read_prompts  # noqa: E402
+from ldm.cli import (  # noqa: E402
+    Batch,
+    add_common_args,
+    apply_bundled_model,
+    check_args,
+    choose_sampler,
+    generate,
+    open_session,
+    read_prompts,
+)
 from ldm.inference import (  # noqa: E402
     check_image_size,
     check_latent_flags,
@@ -27,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
     parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
     parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
-    return parser.parse_args(argv)
+    return apply_bundled_model(parser.parse_args(argv), parser)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -158,3 +158,14 @@ def test_missing_default_checkpoint_says_where_to_put_it(tmp_path):
     assert result.returncode == 2
     assert "no checkpoint at models/ldm/stable-diffusion-v1/model.ckpt" in result.stderr
     assert "sd-v1-4.ckpt" in result.stderr
+
+
+def test_bundled_model_by_name_uses_its_config_size_and_scale(tmp_path):
+    txt2img.main(
+        ["--ckpt", "shapes", "--prompt", "a blue square on a white background", "--outdir", str(tmp_path),
+         "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "5", "--device", "cpu", "--no-safety-checker"]
+    )  # fmt: skip
+    params = read_parameters(tmp_path / "samples" / "00000.png")
+    assert Image.open(tmp_path / "samples" / "00000.png").size == (64, 64)
+    assert params["scale"] == 3.0 and params["config"].endswith("models/ldm/shapes/config.yaml")
+    assert "--ckpt" in params["remake"] and "model.safetensors" in params["remake"]
