@@ -36,7 +36,7 @@ class _LightningCallbackRef:
 _numpy_core = getattr(np, "_core", None) or np.core
 # Lightning checkpoints also pickle the LR scheduler's state, which holds numpy scalars: rebuilding one from
 # its dtype and bytes runs no code, so those three names are allowed too.
-_SAFE_GLOBALS = [
+SAFE_GLOBALS = [
     (_LightningCallbackRef, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
     np.dtype,
     type(np.dtype(np.float64)),
@@ -60,7 +60,7 @@ def read_state_dict(
         metadata = {k: int(header[k]) for k in _METADATA_KEYS if header.get(k, "").isdigit()}
         return safetensors.torch.load_file(path, device=str(device)), metadata
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location=device, mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))

@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
 
+from ldm.checkpoint import SAFE_GLOBALS
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 # Lightning 1.x trainer settings that 2.x renamed, and those it dropped (they are ignored with a note).
@@ -110,7 +111,14 @@ def trainer_kwargs(trainer_config: Any, opt: Any, flags: tuple[str, ...]) -> dic
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it into place, so that an interrupted save
-    never destroys the previous checkpoint of the same name."""
+    never destroys the previous checkpoint of the same name. Reads (for `-r`) with the same allow-list as
+    ldm.checkpoint, which admits the numpy scalars of the LR scheduler's state."""
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
