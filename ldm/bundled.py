@@ -93,17 +93,29 @@ def export_bundled(
     training_ckpt: str | Path,
     out_dir: str | Path,
     dtype: torch.dtype | None = torch.float16,
+    first_stage_ckpt: str | Path | None = None,
 ) -> None:
     """Write `out_dir/config.yaml` and `out_dir/model.safetensors` from a LatentDiffusion training run:
-    EMA weights, the measured `scale_factor` in the config, no EMA copies, no first-stage `ckpt_path`."""
+    EMA weights, the measured `scale_factor` in the config, no EMA copies, no first-stage `ckpt_path`.
+
+    `first_stage_ckpt`: an AutoencoderKL checkpoint whose weights replace the run's autoencoder, e.g. one
+    whose decoder was fine-tuned afterwards with `train_decoder_only` (the same latent space).
+    """
     config = OmegaConf.load(training_config)
     state_dict, metadata = read_state_dict(training_ckpt)
+    if first_stage_ckpt is not None:
+        autoencoder, _ = read_state_dict(first_stage_ckpt)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("first_stage_model.")}
+        state_dict |= {
+            "first_stage_model." + k: v for k, v in autoencoder.items() if not k.startswith("loss.")
+        }
     params = config.model.params
     if "scale_factor" in state_dict:
         params.scale_factor = round(float(state_dict["scale_factor"]), 5)
     params.scale_by_std = False
     params.use_ema = False
-    params.first_stage_config.params.pop("ckpt_path", None)
+    for key in ("ckpt_path", "train_decoder_only"):
+        params.first_stage_config.params.pop(key, None)
     for key in ("ckpt_path", "scheduler_config", "ucg_training"):
         params.pop(key, None)
     config = OmegaConf.create({"model": config.model})
@@ -128,7 +140,8 @@ def export_first_stage(
     config = OmegaConf.load(training_config)
     state_dict, metadata = read_state_dict(training_ckpt)
     config.model.params.lossconfig = {"target": "torch.nn.Identity"}
-    config.model.params.pop("ckpt_path", None)
+    for key in ("ckpt_path", "train_decoder_only"):
+        config.model.params.pop(key, None)
     weights = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
         for k, v in state_dict.items()

@@ -314,6 +314,42 @@ def test_training_reduces_reconstruction_loss(with_discriminator, one_thread):
     assert ("val/disc_loss" in metrics) == with_discriminator
 
 
+def test_train_decoder_only_keeps_the_latent_space(one_thread):
+    torch.manual_seed(0)
+    model = tiny_autoencoder(with_discriminator=False)
+    frozen = AutoencoderKL(
+        ddconfig=small_ddconfig(resolution=16, ch_mult=[1, 2], num_res_blocks=1),
+        lossconfig=IDENTITY,
+        embed_dim=4,
+        train_decoder_only=True,
+    )
+    frozen.load_state_dict(model.state_dict())
+    frozen.loss, frozen.learning_rate = model.loss, model.learning_rate
+    batches = image_batches()
+    x = torch.cat([frozen.get_input(batch, "image") for batch in batches])
+    with torch.no_grad():
+        latents_before = frozen.encode(x).mean
+    before = reconstruction_error(frozen, batches)
+    trainer = pl.Trainer(
+        max_steps=20,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(frozen, train_dataloaders=batches)
+
+    with torch.no_grad():
+        assert torch.equal(frozen.encode(x).mean, latents_before)
+    assert reconstruction_error(frozen, batches) < 0.8 * before
+    decoders = zip(frozen.decoder.parameters(), model.decoder.parameters(), strict=True)
+    assert any(not torch.equal(p, q) for p, q in decoders)
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in frozen.encoder.parameters()}
+
+
 def test_training_with_inference_config_is_a_clear_error():
     model = AutoencoderKL(
         ddconfig=small_ddconfig(resolution=16, ch_mult=[1, 2]), lossconfig=IDENTITY, embed_dim=4

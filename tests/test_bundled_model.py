@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+from conftest import randomize_
 from omegaconf import OmegaConf
 
-from ldm.bundled import BUNDLED, bundled_model, resolve_model
-from ldm.checkpoint import load_model_from_config, read_state_dict
+from ldm.bundled import BUNDLED, bundled_model, export_bundled, resolve_model
+from ldm.checkpoint import load_model_from_config, read_state_dict, save_checkpoint
 from ldm.data.shape_analysis import analyze_shape_image, caption_attributes
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.util import instantiate_from_config
 
 SHAPES = BUNDLED["shapes"]
 PROMPTS = [
@@ -86,3 +88,40 @@ def test_short_generation_draws_the_prompt(model, sampler_cls):
     for prompt, image in zip(PROMPTS, images, strict=True):
         want, got = caption_attributes(prompt), analyze_shape_image(image)
         assert (got["color"], got["background"]) == (want["color"], want["background"]), prompt
+
+
+def test_export_takes_ema_weights_and_a_fine_tuned_decoder(tiny_config, tmp_path):
+    training = OmegaConf.merge(tiny_config, {"model": {"params": {"use_ema": True, "scale_by_std": True}}})
+    torch.manual_seed(0)
+    run = randomize_(instantiate_from_config(training.model))
+    run.model_ema.copy_to(randomize_(run.model, seed=1))  # EMA weights != the live UNet's
+    randomize_(run.model, seed=2)
+    run.scale_factor.fill_(0.4321)
+    autoencoder = randomize_(instantiate_from_config(training.model.params.first_stage_config), seed=3)
+    training.model.params.first_stage_config.params.ckpt_path = "logs/ae/last.ckpt"
+    training.model.params.first_stage_config.params.train_decoder_only = True
+    OmegaConf.save(training, tmp_path / "project.yaml")
+    save_checkpoint(tmp_path / "last.ckpt", run.state_dict(), global_step=7)
+    save_checkpoint(tmp_path / "ae.ckpt", {**autoencoder.state_dict(), "loss.logvar": torch.zeros(())})
+
+    export_bundled(
+        tmp_path / "project.yaml",
+        tmp_path / "last.ckpt",
+        tmp_path / "out",
+        torch.float32,
+        tmp_path / "ae.ckpt",
+    )
+
+    config = OmegaConf.load(tmp_path / "out" / "config.yaml")
+    params = config.model.params
+    assert params.scale_factor == pytest.approx(0.4321) and not params.scale_by_std and not params.use_ema
+    assert {"ckpt_path", "train_decoder_only"}.isdisjoint(params.first_stage_config.params)
+    model = load_model_from_config(config, tmp_path / "out" / "model.safetensors", verbose=False)
+    ema = dict(run.model_ema.named_buffers())
+    for name, param in model.model.named_parameters():
+        torch.testing.assert_close(param, ema[name.replace(".", "")], rtol=0, atol=0)
+    for name, param in model.first_stage_model.state_dict().items():
+        torch.testing.assert_close(param, autoencoder.state_dict()[name], rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.cond_stage_model.state_dict(), run.cond_stage_model.state_dict(), rtol=0, atol=0
+    )

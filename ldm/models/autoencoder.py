@@ -40,7 +40,9 @@ class AutoencoderKL(pl.LightningModule):
     """Images [B, C, H, W] in [-1, 1] <-> latents [B, embed_dim, H/f, W/f] with a diagonal Gaussian posterior.
 
     Trains with manual optimization: one Adam for the autoencoder and, when the loss has a discriminator in
-    use, a second one for it. The loss is called as
+    use, a second one for it. `train_decoder_only` freezes the encoder (and `quant_conv`), so the latent space
+    stays that of a diffusion model already trained on it while the decoder improves (as Stability's
+    fine-tuned SD VAEs were made). The loss is called as
     `loss(inputs, reconstructions, posterior, optimizer_idx, global_step, last_layer=..., split=...)`
     and returns `(loss, log_dict)`.
     """
@@ -55,6 +57,7 @@ class AutoencoderKL(pl.LightningModule):
         image_key: str = "image",
         colorize_nlabels: int | None = None,
         monitor: str | None = None,
+        train_decoder_only: bool = False,
     ):
         super().__init__()
         if not ddconfig["double_z"]:
@@ -74,6 +77,10 @@ class AutoencoderKL(pl.LightningModule):
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
         if monitor is not None:
             self.monitor = monitor
+        self.train_decoder_only = train_decoder_only
+        if train_decoder_only:
+            self.encoder.requires_grad_(False)
+            self.quant_conv.requires_grad_(False)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys)
 
@@ -198,12 +205,9 @@ class AutoencoderKL(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         lr = self.learning_rate
-        autoencoder_params = [
-            *self.encoder.parameters(),
-            *self.decoder.parameters(),
-            *self.quant_conv.parameters(),
-            *self.post_quant_conv.parameters(),
-        ]
+        autoencoder_params = [*self.decoder.parameters(), *self.post_quant_conv.parameters()]
+        if not self.train_decoder_only:
+            autoencoder_params += [*self.encoder.parameters(), *self.quant_conv.parameters()]
         opt_ae = torch.optim.Adam(autoencoder_params, lr=lr, betas=(0.5, 0.9))
         if not self._trains_discriminator():
             return opt_ae
