@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock, UNetModel
-from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, timestep_embedding
+from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, checkpoint, timestep_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
@@ -395,3 +395,36 @@ def test_codebook_head():
     with torch.no_grad():
         out = unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), context=torch.randn(1, 3, 8))
     assert out.shape == (1, 17, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, size, bias, channels_last",
+    [
+        (1, 1, 0, 16, True, False),  # 1x1: a matrix product at any size
+        (1, 1, 0, 16, False, True),
+        (3, 1, 1, 8, True, False),  # 3x3 on <= 64 pixels: im2col + one matrix product
+        (3, 1, 1, 4, False, True),
+        (3, 1, 1, 16, True, False),  # larger maps, strides: torch's own convolution
+        (3, 2, 1, 8, True, False),
+    ],
+)
+def test_conv2d_matmul_path_equals_torch_conv(kernel, stride, padding, size, bias, channels_last):
+    torch.manual_seed(0)
+    conv = Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
+    reference = torch.nn.Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
+    reference.load_state_dict(conv.state_dict())
+    assert list(conv.state_dict()) == list(reference.state_dict())
+    x = torch.randn(2, 24, size, size)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        conv.to(memory_format=torch.channels_last)
+    as_matmul = conv._as_matmul(x)
+    assert as_matmul == (stride == 1 and (kernel == 1 or size * size <= Conv2d.MATMUL_MAX_PIXELS))
+    x_ref = x.detach().clone().requires_grad_()
+    x.requires_grad_()
+    out, expected = conv(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)

@@ -159,12 +159,45 @@ def normalization(channels: int) -> nn.Module:
     return GroupNorm32(32, channels)
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict) that on the CPU runs as one matrix product where oneDNN is
+    slow: 1x1 kernels, and 3x3 stride-1 kernels on feature maps of at most `MATMUL_MAX_PIXELS` pixels (the
+    UNet's 1280-channel levels; oneDNN reached 8-25 GFLOP/s there, one GEMM over im2col columns 30-40, see
+    BENCHMARKS.md). Outputs are channels-last in memory, which makes the transformer's token reshapes free."""
+
+    MATMUL_MAX_PIXELS = 64
+
+    def _as_matmul(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.ndim != 4 or self.groups != 1 or self.padding_mode != "zeros":
+            return False
+        if self.dilation != (1, 1) or self.stride != (1, 1):
+            return False
+        if self.kernel_size == (1, 1):
+            return self.padding == (0, 0)
+        small = x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS
+        return small and self.kernel_size == (3, 3) and self.padding == (1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C_in, H, W] -> [B, C_out, H, W]."""
+        if not self._as_matmul(x):
+            return super().forward(x)
+        b, c, h, w = x.shape
+        if self.kernel_size == (1, 1):
+            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # [B*H*W, C_in], free when channels-last
+        else:
+            columns = F.unfold(x, self.kernel_size, padding=self.padding)  # [B, C_in*9, H*W]
+            rows = columns.transpose(1, 2).reshape(b * h * w, -1)
+        weight = self.weight.reshape(self.out_channels, -1).t()
+        out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
+        return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     """A 1D, 2D or 3D convolution."""
     if dims == 1:
         return nn.Conv1d(*args, **kwargs)
     if dims == 2:
-        return nn.Conv2d(*args, **kwargs)
+        return Conv2d(*args, **kwargs)
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
     raise ValueError(f"unsupported dimensions: {dims}")
