@@ -162,8 +162,8 @@ def normalization(channels: int) -> nn.Module:
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) that on the CPU runs as one matrix product where oneDNN is
     slow: 1x1 kernels, and 3x3 stride-1 kernels on feature maps of at most `MATMUL_MAX_PIXELS` pixels (the
-    UNet's 1280-channel levels; oneDNN reached 8-25 GFLOP/s there, one GEMM over im2col columns 30-40, see
-    BENCHMARKS.md). Outputs are channels-last in memory, which makes the transformer's token reshapes free."""
+    UNet's 1280-channel levels: oneDNN reaches 8-25 GFLOP/s there, a matrix product over im2col columns
+    30-40; see BENCHMARKS.md). The output keeps the input's memory format (NCHW or channels-last)."""
 
     MATMUL_MAX_PIXELS = 64
 
@@ -182,14 +182,16 @@ class Conv2d(nn.Conv2d):
         if not self._as_matmul(x):
             return super().forward(x)
         b, c, h, w = x.shape
-        if self.kernel_size == (1, 1):
-            rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # [B*H*W, C_in], free when channels-last
-        else:
-            columns = F.unfold(x, self.kernel_size, padding=self.padding)  # [B, C_in*9, H*W]
-            rows = columns.transpose(1, 2).reshape(b * h * w, -1)
-        weight = self.weight.reshape(self.out_channels, -1).t()
-        out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
-        return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
+        weight = self.weight.reshape(self.out_channels, -1)  # [C_out, C_in * k * k]
+        pointwise = self.kernel_size == (1, 1)
+        if not x.is_contiguous():  # channels-last: pixels as rows [B, H, W, C_in * k * k]
+            rows = x.permute(0, 2, 3, 1) if pointwise else F.unfold(x, 3, padding=1).mT.view(b, h, w, -1)
+            return F.linear(rows, weight, self.bias).permute(0, 3, 1, 2)
+        columns = x.flatten(2) if pointwise else F.unfold(x, 3, padding=1)  # [B, C_in * k * k, H * W]
+        out = weight @ columns  # [B, C_out, H * W]
+        if self.bias is not None:
+            out += self.bias[:, None]
+        return out.view(b, self.out_channels, h, w)
 
 
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
