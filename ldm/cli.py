@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm, trange
 
+from ldm.image_input import DEFAULT_MAX_PIXELS
 from ldm.inference import (
     DEFAULT_CKPT,
     DEFAULT_CONFIG,
@@ -147,6 +148,16 @@ def add_common_args(
         "--compile",
         action="store_true",
         help="torch.compile the UNet (the first step then includes compiling)",
+    )
+
+
+def add_max_pixels_arg(parser: argparse.ArgumentParser) -> None:
+    """`--max-pixels` of the scripts that read an input image."""
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse input images with more pixels than this (default {DEFAULT_MAX_PIXELS}, i.e. 2048x2048)",
     )
 
 

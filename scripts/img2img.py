@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm.cli import (  # noqa: E402
     Batch,
     add_common_args,
+    add_max_pixels_arg,
     apply_bundled_model,
     check_args,
     choose_sampler,
@@ -24,7 +25,7 @@ from ldm.cli import (  # noqa: E402
     open_session,
     read_prompts,
 )
-from ldm.image_input import DEFAULT_MAX_PIXELS, fit_size, image_to_tensor, load_image, resize_image  # noqa: E402
+from ldm.image_input import fit_size, image_to_tensor, load_image, resize_image  # noqa: E402
 from ldm.inference import (  # noqa: E402
     UserError,
     check_latent_flags,
@@ -52,12 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.75,
         help="strength for noising/unnoising. 1.0 corresponds to full destruction of information in init image",
     )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"refuse input images with more pixels than this (default {DEFAULT_MAX_PIXELS}, i.e. 2048x2048)",
-    )
+    add_max_pixels_arg(parser)
     return apply_bundled_model(parser.parse_args(argv), parser)
 
 

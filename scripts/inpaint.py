@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 from ldm.cli import (  # noqa: E402
     Batch,
     add_common_args,
+    add_max_pixels_arg,
     apply_bundled_model,
     check_args,
     choose_sampler,
@@ -29,7 +30,6 @@ from ldm.cli import (  # noqa: E402
     read_prompts,
 )
 from ldm.image_input import (  # noqa: E402
-    DEFAULT_MAX_PIXELS,
     fit_size,
     image_to_tensor,
     load_image,
@@ -62,12 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(parser, outdir="outputs/inpainting-samples", n_iter=1, n_samples=2, scale=7.5)
     parser.add_argument("--init-img", type=str, help="path to the image to inpaint")
     parser.add_argument("--mask", type=str, help="path to the mask: white = repaint, black = keep")
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"refuse input images with more pixels than this (default {DEFAULT_MAX_PIXELS}, i.e. 2048x2048)",
-    )
+    add_max_pixels_arg(parser)
     return apply_bundled_model(parser.parse_args(argv), parser)
 
 
