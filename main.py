@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint  # noqa: F401  (main.LearningRateMonitor)
+from pytorch_lightning.callbacks import LearningRateMonitor  # noqa: F401  (main.LearningRateMonitor)
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -25,6 +25,7 @@ from ldm.training import (
     AtomicCheckpointIO,
     ConfigError,
     ImageLogger,  # noqa: F401  (configs name main.ImageLogger)
+    ModelCheckpoint,
     SaveOnSignal,
     SetupCallback,
     instantiate_checked,

@@ -12,6 +12,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
@@ -168,6 +169,21 @@ class SaveOnSignal(Callback):
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             print("Summoning checkpoint.")
             self.save(trainer)
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ModelCheckpoint that writes `last.ckpt` at every validation, as Lightning 1.x did and `-r`
+    relies on. Lightning 2.x writes it only when a top-k checkpoint is saved in the same step, so once the
+    monitored metric stops improving last.ckpt falls behind and a resume would go back in time."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self.save_last or self._should_skip_saving_checkpoint(
+            trainer
+        ):  # also: already saved this step
+            return
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class SetupCallback(Callback):

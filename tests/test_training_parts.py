@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +20,7 @@ from ldm.modules.losses.vqperceptual import (
     hinge_d_loss,
     vanilla_d_loss,
 )
+from ldm.training import ModelCheckpoint
 
 # ---------------------------------------------------------------------------------------------- schedules
 
@@ -382,3 +384,42 @@ def test_loss_with_lpips(fake_lpips_weights):
         p = loss_fn.perceptual_loss(x, y)
     expected_rec = ((x - y).abs() + 0.5 * p).mean()
     assert float(log["train/rec_loss"]) == pytest.approx(float(expected_rec), rel=1e-5)
+
+
+class _ConstantValidationLoss(pl.LightningModule):
+    """A one-weight model whose validation metric never improves after the first validation."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", 1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_follows_training_when_the_metric_stops_improving(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", save_top_k=1, save_last=True)
+    data = torch.utils.data.DataLoader(torch.ones(64, 1), batch_size=4)
+    trainer = pl.Trainer(
+        max_steps=6,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint],
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_ConstantValidationLoss(), data, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch=0-step=2.ckpt",
+        "last.ckpt",
+    ]  # best: the first
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 6
