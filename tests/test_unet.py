@@ -400,8 +400,9 @@ def test_codebook_head():
 @pytest.mark.parametrize(
     "kernel, stride, padding, size, bias, channels_last",
     [
-        (1, 1, 0, 16, True, False),  # 1x1: a matrix product at any size
+        (1, 1, 0, 16, True, True),  # 1x1 on channels-last: a matrix product at any size
         (1, 1, 0, 16, False, True),
+        (1, 1, 0, 16, True, False),  # 1x1 on NCHW: torch's own
         (3, 1, 1, 8, True, False),  # 3x3 on <= 64 pixels: im2col + one matrix product
         (3, 1, 1, 4, False, True),
         (3, 1, 1, 16, True, False),  # larger maps, strides: torch's own convolution
@@ -419,7 +420,8 @@ def test_conv2d_matmul_path_equals_torch_conv(kernel, stride, padding, size, bia
         x = x.to(memory_format=torch.channels_last)
         conv.to(memory_format=torch.channels_last)
     as_matmul = conv._as_matmul(x)
-    assert as_matmul == (stride == 1 and (kernel == 1 or size * size <= Conv2d.MATMUL_MAX_PIXELS))
+    small = size * size <= Conv2d.MATMUL_MAX_PIXELS
+    assert as_matmul == (stride == 1 and (channels_last if kernel == 1 else small))
     x_ref = x.detach().clone().requires_grad_()
     x.requires_grad_()
     out, expected = conv(x), reference(x_ref)

@@ -160,10 +160,11 @@ def normalization(channels: int) -> nn.Module:
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and state_dict) that on the CPU runs as one matrix product where oneDNN is
-    slow: 1x1 kernels, and 3x3 stride-1 kernels on feature maps of at most `MATMUL_MAX_PIXELS` pixels (the
-    UNet's 1280-channel levels: oneDNN reaches 8-25 GFLOP/s there, a matrix product over im2col columns
-    30-40; see BENCHMARKS.md). The output keeps the input's memory format (NCHW or channels-last)."""
+    """nn.Conv2d (same parameters and state_dict) that on the CPU runs as one matrix product where torch's
+    convolution is slow: 3x3 stride-1 kernels on feature maps of at most `MATMUL_MAX_PIXELS` pixels (the UNet's
+    1280-channel levels: oneDNN reaches 8-25 GFLOP/s there, a matrix product over im2col columns 30-40; see
+    BENCHMARKS.md), and 1x1 kernels on channels-last inputs (the transformer's tokens seen as a feature map).
+    The output keeps the input's memory format (NCHW or channels-last)."""
 
     MATMUL_MAX_PIXELS = 64
 
@@ -172,8 +173,8 @@ class Conv2d(nn.Conv2d):
             return False
         if self.dilation != (1, 1) or self.stride != (1, 1):
             return False
-        if self.kernel_size == (1, 1):
-            return self.padding == (0, 0)
+        if self.kernel_size == (1, 1):  # NCHW: torch's own 1x1 path is a matrix product already
+            return self.padding == (0, 0) and not x.is_contiguous()
         small = x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS
         return small and self.kernel_size == (3, 3) and self.padding == (1, 1)
 
