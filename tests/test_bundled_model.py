@@ -1,9 +1,16 @@
 """The bundled "shapes" text-to-image model: its files load, and it draws what short prompts ask for."""
 
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from conftest import randomize_
 from omegaconf import OmegaConf
+from PIL import Image
 
 from ldm.bundled import BUNDLED, bundled_model, export_bundled, resolve_model
 from ldm.checkpoint import load_model_from_config, read_state_dict, save_checkpoint
@@ -12,6 +19,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.util import instantiate_from_config
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPES = BUNDLED["shapes"]
 PROMPTS = [
     "a red circle on a white background",
@@ -125,3 +133,24 @@ def test_export_takes_ema_weights_and_a_fine_tuned_decoder(tiny_config, tmp_path
     torch.testing.assert_close(
         model.cond_stage_model.state_dict(), run.cond_stage_model.state_dict(), rtol=0, atol=0
     )
+
+
+def test_readme_first_command_draws_its_prompt(tmp_path):
+    """README's install-and-run line: its txt2img part, run as a user would (outputs redirected to tmp_path)."""
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("python3 -m venv"))
+    command = shlex.split(line.split("&&")[-1])
+    assert command[:2] == ["python", "scripts/txt2img.py"] and "shapes" in command
+    result = subprocess.run(
+        [sys.executable, *command[1:], "--outdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    prompt = command[command.index("--prompt") + 1]
+    images = sorted((tmp_path / "samples").glob("*.png"))
+    assert (
+        len(images) == 6 and len(list(tmp_path.glob("grid-*.png"))) == 1
+    )  # defaults: 3 samples x 2 iterations
+    want = caption_attributes(prompt)
+    for path in images:
+        got = analyze_shape_image(np.asarray(Image.open(path).convert("RGB")))
+        assert (got["color"], got["background"]) == (want["color"], want["background"]), path.name
