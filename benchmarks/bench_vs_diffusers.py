@@ -6,7 +6,8 @@ Saves a full-size random-weights SD v1 checkpoint once (`.ckpt` and `.safetensor
 to diffusers with diffusers' own helpers (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`; the CLIP
 text model takes the same weights), then measures, alternating the two implementations in one process: the
 UNet step (batch 2, classifier-free guidance) at 256² and 512² with its FLOP count, VAE decode, text encoding;
-and, each in a fresh process, model load (time, peak RSS) and end-to-end txt2img (wall time, peak RSS).
+and, each in a fresh process, model load (time, peak RSS) and end-to-end txt2img (wall time, peak RSS;
+`--e2e-reps` alternated processes each).
 The machine's fp32/bf16 GEMM peak puts the UNet step in context. With `--cuda` it instead measures fp16
 sampling speed (it/s) and peak VRAM at 512² (batch 1, 50 steps) and 768².
 """
@@ -419,13 +420,21 @@ def measure(opt: argparse.Namespace, path: Path) -> tuple[dict, dict]:
     results["tensor_mib"] = tensor_bytes(path) / 2**20
     for size, steps in ((256, 10), (512, 2)):
         key = f"e2e_{size}_{steps}"
-        results[key] = {}
-        for impl in ("ours", "diffusers") if size == 256 else ("diffusers", "ours"):
-            out = opt.workdir / f"out-{impl}-{size}"
-            results[key][impl] = run_child(
-                child_args(opt, "e2e", impl, str(path), str(size), str(steps), str(out))
-            )
-            print(key, impl, results[key][impl], flush=True)
+        runs = {"ours": [], "diffusers": []}
+        for rep in range(opt.e2e_reps):
+            for impl in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
+                out = opt.workdir / f"out-{impl}-{size}"
+                runs[impl].append(
+                    run_child(child_args(opt, "e2e", impl, str(path), str(size), str(steps), str(out)))
+                )
+                print(key, impl, runs[impl][-1], flush=True)
+        results[key] = {
+            impl: {
+                "wall_s": statistics.median(r["wall_s"] for r in done),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in done),
+            }
+            for impl, done in runs.items()
+        }
     results.update(micro(path, opt.reps))
     print(json.dumps(results), flush=True)
     return peaks, results
@@ -438,6 +447,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdbench"))
     parser.add_argument(
         "--reps", type=int, default=3, help="timed repetitions of each in-process measurement"
+    )
+    parser.add_argument(
+        "--e2e-reps", type=int, default=2, help="txt2img processes per implementation and size (alternated)"
     )
     parser.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
     parser.add_argument("--cuda", action="store_true", help="measure fp16 it/s and peak VRAM on the GPU")
@@ -476,7 +488,8 @@ def main() -> None:
         f"Machine: {machine()}. GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s (4096² matmul), "
         f"bf16 {peaks['bf16']:.2f} GFLOP/s (2048²).\n"
         f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process, one run each for the "
-        "512² UNet step; load and txt2img each once in a fresh process).\n\n" + table(results, peaks) + "\n\n"
+        f"512² UNet step; load once in a fresh process; txt2img: median wall time and highest peak RSS of "
+        f"{opt.e2e_reps} alternated fresh processes each).\n\n" + table(results, peaks) + "\n\n"
         f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
         f"512²: {results['unet_maxdiff_512']:.2e}.\n\n" + load_table(results)
     )
