@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.memory import chunked_attention
-from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
 from ldm.util import default
 
 
@@ -129,7 +129,7 @@ class SpatialTransformer(nn.Module):
         self.in_channels = in_channels
         inner_dim = n_heads * d_head
         self.norm = GroupNorm32(32, in_channels, eps=1e-6)
-        self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
                 inner_dim,
@@ -141,7 +141,7 @@ class SpatialTransformer(nn.Module):
             )
             for _ in range(depth)
         )
-        self.proj_out = zero_module(Conv2d(inner_dim, in_channels, kernel_size=1))
+        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Feature map x [B, C, H, W] (NCHW or channels_last), context [B, M, context_dim]."""

@@ -160,36 +160,28 @@ def normalization(channels: int) -> nn.Module:
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and state_dict) that on the CPU runs as one matrix product where torch's
-    convolution is slow: 3x3 stride-1 kernels on feature maps of at most `MATMUL_MAX_PIXELS` pixels (the UNet's
-    1280-channel levels: oneDNN reaches 8-25 GFLOP/s there, a matrix product over im2col columns 30-40; see
-    BENCHMARKS.md), and 1x1 kernels on channels-last inputs (the transformer's tokens seen as a feature map).
-    The output keeps the input's memory format (NCHW or channels-last)."""
+    """nn.Conv2d (same parameters and state_dict) that on the CPU runs wide 3x3 convolutions on small feature
+    maps as one matrix product over im2col columns: at least `MATMUL_MIN_CHANNELS` input channels and at most
+    `MATMUL_MAX_PIXELS` pixels, i.e. the SD UNet's 1280-channel 8x8 and 4x4 levels, where oneDNN reaches 11-35
+    GFLOP/s and the matrix product 28-56 (see BENCHMARKS.md). The output is NCHW."""
 
     MATMUL_MAX_PIXELS = 64
+    MATMUL_MIN_CHANNELS = 1024
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or x.ndim != 4 or self.groups != 1 or self.padding_mode != "zeros":
+        if self.in_channels < self.MATMUL_MIN_CHANNELS or x.shape[-2] * x.shape[-1] > self.MATMUL_MAX_PIXELS:
             return False
-        if self.dilation != (1, 1) or self.stride != (1, 1):
-            return False
-        if self.kernel_size == (1, 1):  # NCHW: torch's own 1x1 path is a matrix product already
-            return self.padding == (0, 0) and not x.is_contiguous()
-        small = x.shape[-2] * x.shape[-1] <= self.MATMUL_MAX_PIXELS
-        return small and self.kernel_size == (3, 3) and self.padding == (1, 1)
+        plain = self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+        shape = self.kernel_size == (3, 3) and self.padding == (1, 1) and self.padding_mode == "zeros"
+        return plain and shape and x.ndim == 4 and x.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W] -> [B, C_out, H, W]."""
         if not self._as_matmul(x):
             return super().forward(x)
-        b, c, h, w = x.shape
-        weight = self.weight.reshape(self.out_channels, -1)  # [C_out, C_in * k * k]
-        pointwise = self.kernel_size == (1, 1)
-        if not x.is_contiguous():  # channels-last: pixels as rows [B, H, W, C_in * k * k]
-            rows = x.permute(0, 2, 3, 1) if pointwise else F.unfold(x, 3, padding=1).mT.view(b, h, w, -1)
-            return F.linear(rows, weight, self.bias).permute(0, 3, 1, 2)
-        columns = x.flatten(2) if pointwise else F.unfold(x, 3, padding=1)  # [B, C_in * k * k, H * W]
-        out = weight @ columns  # [B, C_out, H * W]
+        b, _, h, w = x.shape
+        columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
+        out = self.weight.reshape(self.out_channels, -1) @ columns  # [B, C_out, H * W]
         if self.bias is not None:
             out += self.bias[:, None]
         return out.view(b, self.out_channels, h, w)
