@@ -267,6 +267,19 @@ def reconstruction_error(model: AutoencoderKL, batches) -> float:
         return (model(x, sample_posterior=False)[0] - x).abs().mean().item()
 
 
+def quiet_trainer(max_steps: int) -> pl.Trainer:
+    """A CPU trainer without logger, checkpoints, progress bar or summary."""
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors train faster on one thread, and much faster when other processes share the cores."""
@@ -284,15 +297,7 @@ def test_training_reduces_reconstruction_loss(with_discriminator, one_thread):
     before = reconstruction_error(model, batches)
     discriminator_before = [p.detach().clone() for p in model.loss.parameters()]
     steps = 30
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(steps)
     trainer.fit(model, train_dataloaders=batches)
     after = reconstruction_error(model, batches)
     assert after < 0.7 * before, (before, after)
@@ -330,15 +335,7 @@ def test_train_decoder_only_keeps_the_latent_space(one_thread):
     with torch.no_grad():
         latents_before = frozen.encode(x).mean
     before = reconstruction_error(frozen, batches)
-    trainer = pl.Trainer(
-        max_steps=20,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(20)
     trainer.fit(frozen, train_dataloaders=batches)
 
     with torch.no_grad():
