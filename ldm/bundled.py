@@ -14,6 +14,10 @@ from ldm.checkpoint import read_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 _NETWORKS = ("model.", "first_stage_model.", "cond_stage_model.")  # LatentDiffusion's three networks
+_FIRST_STAGE_TRAINING_PARAMS = (
+    "ckpt_path",
+    "train_decoder_only",
+)  # AutoencoderKL params of training runs only
 
 
 @dataclass(frozen=True)
@@ -104,17 +108,15 @@ def export_bundled(
     config = OmegaConf.load(training_config)
     state_dict, metadata = read_state_dict(training_ckpt)
     if first_stage_ckpt is not None:
-        autoencoder, _ = read_state_dict(first_stage_ckpt)
+        autoencoder, _ = read_state_dict(first_stage_ckpt)  # its `loss.*` go with inference_state_dict
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("first_stage_model.")}
-        state_dict |= {
-            "first_stage_model." + k: v for k, v in autoencoder.items() if not k.startswith("loss.")
-        }
+        state_dict |= {"first_stage_model." + k: v for k, v in autoencoder.items()}
     params = config.model.params
     if "scale_factor" in state_dict:
         params.scale_factor = round(float(state_dict["scale_factor"]), 5)
     params.scale_by_std = False
     params.use_ema = False
-    for key in ("ckpt_path", "train_decoder_only"):
+    for key in _FIRST_STAGE_TRAINING_PARAMS:
         params.first_stage_config.params.pop(key, None)
     for key in ("ckpt_path", "scheduler_config", "ucg_training"):
         params.pop(key, None)
@@ -140,7 +142,7 @@ def export_first_stage(
     config = OmegaConf.load(training_config)
     state_dict, metadata = read_state_dict(training_ckpt)
     config.model.params.lossconfig = {"target": "torch.nn.Identity"}
-    for key in ("ckpt_path", "train_decoder_only"):
+    for key in _FIRST_STAGE_TRAINING_PARAMS:
         config.model.params.pop(key, None)
     weights = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()

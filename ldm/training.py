@@ -178,11 +178,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self.save_last or self._should_skip_saving_checkpoint(
-            trainer
-        ):  # also: already saved this step
-            return
-        if not self._should_save_on_train_epoch_end(trainer):
+        # skipped too when this step was saved already: last.ckpt is then current
+        skip = self._should_skip_saving_checkpoint(trainer) or self._should_save_on_train_epoch_end(trainer)
+        if self.save_last and not skip:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 

@@ -3,12 +3,11 @@
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_
+from conftest import ROOT, randomize_
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -19,7 +18,6 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.util import instantiate_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = BUNDLED["shapes"]
 PROMPTS = [
     "a red circle on a white background",
