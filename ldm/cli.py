@@ -135,7 +135,7 @@ def add_common_args(
     parser.add_argument(
         "--lowvram",
         action="store_true",
-        help="keep only the module in use (text encoder, UNet, VAE) on the GPU; nothing to do on the CPU",
+        help="keep only the module in use (text encoder, UNet, VAE) on the GPU (on the CPU this is always done for memory-mapped weights: only the module in use stays resident)",
     )
     parser.add_argument(
         "--threads",
@@ -250,8 +250,15 @@ class Session:
 
 def apply_memory_options(model, opt: argparse.Namespace, device: torch.device, precision: str) -> None:
     """The model-side effects of --precision autocast (fp16 weights on CUDA, bf16 on the CPU), --vae-tiling,
-    --attention-chunk, --lowvram and --compile."""
-    from ldm.memory import enable_lowvram, low_precision, set_attention_chunk
+    --attention-chunk, --lowvram and --compile; on the CPU, malloc keeps freed activations for reuse and only
+    the module in use stays resident (see ldm.memory)."""
+    from ldm.memory import (
+        enable_lowvram,
+        keep_freed_memory,
+        low_precision,
+        release_idle_units,
+        set_attention_chunk,
+    )
 
     dtype = autocast_dtype(precision, device)
     if dtype is not None:
@@ -264,11 +271,13 @@ def apply_memory_options(model, opt: argparse.Namespace, device: torch.device, p
         if opt.attention_chunk < 1:
             raise UserError(f"--attention-chunk must be at least 1, got {opt.attention_chunk}")
         set_attention_chunk(model, opt.attention_chunk)
-    if opt.lowvram:
-        if device.type == "cpu":
-            print("--lowvram: running on the CPU, where everything already lives in RAM: nothing to offload")
-        else:
-            enable_lowvram(model, device)
+    if device.type == "cpu":
+        keep_freed_memory()
+        release_idle_units(model)
+        if opt.lowvram:
+            print("--lowvram: on the CPU only the module in use stays resident anyway: nothing to offload")
+    elif opt.lowvram:
+        enable_lowvram(model, device)
     if opt.threads is not None:
         if opt.threads < 1:
             raise UserError(f"--threads must be at least 1, got {opt.threads}")

@@ -1,7 +1,13 @@
 """Memory and precision options for inference: tiled VAE decode/encode, chunked attention, keeping only the
-module in use on the accelerator (lowvram), and low-precision weights (fp16 on CUDA, bf16 on the CPU)."""
+module in use on the accelerator (lowvram) or resident in RAM (memory-mapped weights on the CPU), and
+low-precision weights (fp16 on CUDA, bf16 on the CPU)."""
 
+import bisect
+import ctypes
+import mmap
+import sys
 from collections.abc import Callable
+from itertools import chain
 
 import torch
 from torch import nn
@@ -128,6 +134,116 @@ def enable_lowvram(model: nn.Module, device: torch.device | str, offload: torch.
     for unit in units:
         unit.to(offload)
         unit.register_forward_pre_hook(bring_in)
+
+
+_MADV_DONTNEED = 4
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks for reuse instead of returning them to the OS (Linux/glibc;
+    elsewhere a no-op returning False).
+
+    glibc serves every block over 32 MB with its own mmap and unmaps it when freed, so each large activation
+    (a 512² UNet step has many of 40-80 MB) is page-faulted in afresh at every step: about 0.5 M page faults
+    per step, 15% of its time on 2 cores (BENCHMARKS.md). With this, they come from the heap, which keeps
+    what is freed; peak RSS grows by the heap's spare room (~80 MB at 512²)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def _clean_file_mappings() -> list[tuple[int, int]]:
+    """Sorted (start, end) addresses of this process's file-backed mappings holding no privately modified
+    (anonymous) page: their pages can be dropped and read back from the file unchanged."""
+    spans, current = [], None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if (
+                "-" in fields[0] and len(fields) >= 5
+            ):  # a mapping's header: range perms offset dev inode [path]
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                current = (start, end) if fields[4] != "0" else None
+            elif fields[0] == "Anonymous:" and current is not None:
+                if fields[1] == "0":
+                    spans.append(current)
+                current = None
+    return sorted(spans)
+
+
+def release_pages(module: nn.Module) -> int:
+    """Give the OS back this process's resident pages of `module`'s CPU tensors that are views of a
+    memory-mapped checkpoint (Linux; elsewhere a no-op). The pages stay in the OS page cache and are mapped
+    again on the tensors' next use; tensors in ordinary memory are left alone. Returns the bytes released."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    tensors = [
+        t for t in chain(module.parameters(), module.buffers()) if t.device.type == "cpu" and t.numel()
+    ]
+    if not tensors:
+        return 0
+    mappings = _clean_file_mappings()
+    starts = [start for start, _ in mappings]
+    page = mmap.PAGESIZE
+    ranges = []
+    for t in tensors:
+        begin, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        i = bisect.bisect_right(starts, begin) - 1
+        if i < 0 or end > mappings[i][1]:
+            continue
+        ranges.append(
+            (max(begin // page * page, mappings[i][0]), min(-(-end // page) * page, mappings[i][1]))
+        )
+    merged: list[list[int]] = []
+    for begin, end in sorted(ranges):
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for begin, end in merged:
+        if libc.madvise(begin, end - begin, _MADV_DONTNEED) == 0:
+            released += end - begin
+    return released
+
+
+def trim_heap() -> bool:
+    """Return the heap's free memory to the OS (glibc's malloc_trim; elsewhere a no-op returning False)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except AttributeError:  # not glibc
+        return False
+
+
+def release_idle_units(model: nn.Module) -> None:
+    """On the CPU, keep only the unit in use (see `lowvram_units`) resident: when a unit starts after another
+    one ran, the other units' memory-mapped pages are released (`release_pages`) and so is the heap memory the
+    last one's activations left free (`trim_heap`). The same numbers, less RSS: at most one of text encoder,
+    UNet and VAE halves is mapped at a time."""
+    units = lowvram_units(model)
+    active: list[nn.Module | None] = [None]
+
+    @torch.compiler.disable  # plain Python around the (possibly compiled) UNet
+    def switch_to(unit: nn.Module, args) -> None:
+        if active[0] is not unit:
+            for other in units:
+                if other is not unit:
+                    release_pages(other)
+            trim_heap()
+            active[0] = unit
+
+    for unit in units:
+        unit.register_forward_pre_hook(switch_to)
 
 
 def low_precision(model: nn.Module, dtype: torch.dtype) -> None:

@@ -1,9 +1,11 @@
-"""Memory options give the plain result: tiled VAE decode/encode (close, no seams), chunked attention and
-lowvram (equal), and the script flags that turn them on."""
+"""Memory options give the plain result: tiled VAE decode/encode (close, no seams), chunked attention,
+lowvram and releasing memory-mapped pages (equal), and the script flags that turn them on."""
 
 import argparse
 import copy
+import mmap
 import sys
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -12,27 +14,36 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.checkpoint import save_checkpoint
+from ldm.checkpoint import load_model_from_config, read_state_dict, save_checkpoint
 from ldm.cli import apply_memory_options
-from ldm.memory import chunked_attention, enable_lowvram, lowvram_units, set_attention_chunk, tiled_map
+from ldm.memory import (
+    chunked_attention,
+    enable_lowvram,
+    lowvram_units,
+    release_idle_units,
+    release_pages,
+    set_attention_chunk,
+    tiled_map,
+)
 from ldm.models.diffusion.ddim import DDIMSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import txt2img  # noqa: E402
+from conftest import randomize_  # noqa: E402
 
 
 def test_tiled_map_is_exact_for_a_local_function():
     """With a pointwise (upsampling) function, blending the overlaps must give back exactly the untiled result,
     also where the last tile is shifted to stay inside the image."""
-    x = torch.randn(2, 3, 21, 30)
+    x = torch.randn(2, 3, 21, 30, generator=torch.Generator().manual_seed(0))
 
     def fn(t):
         return F.interpolate(t, scale_factor=8, mode="nearest") * 2 + 1
 
     out = tiled_map(fn, x, tile=8, overlap=3)
     assert out.shape == (2, 3, 168, 240)
-    torch.testing.assert_close(out, fn(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, fn(x), rtol=1e-6, atol=1e-6)  # blend weights sum to 1 up to rounding
     down = tiled_map(lambda t: F.avg_pool2d(t, 8), torch.randn(1, 2, 96, 80), tile=32, overlap=8)
     assert down.shape == (1, 2, 12, 10)
 
@@ -125,6 +136,122 @@ def test_lowvram_gives_the_plain_image_on_cpu(tiny_ldm):
     torch.testing.assert_close(ddim_image(model), plain, rtol=0, atol=1e-6)
 
 
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the pages under `module`'s tensors that this process has mapped in now (/proc/self/pagemap)."""
+    page = mmap.PAGESIZE
+    pages = set()
+    for t in chain(module.parameters(), module.buffers()):
+        end = t.data_ptr() + t.numel() * t.element_size()
+        pages.update(range(t.data_ptr() // page, -(-end // page)))
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        present = 0
+        for index in sorted(pages):
+            pagemap.seek(index * 8)
+            present += int.from_bytes(pagemap.read(8), "little") >> 63
+    return present * page
+
+
+def mapped_linear(tmp_path: Path) -> torch.nn.Linear:
+    """A 512x512 Linear whose weights are views of a memory-mapped .safetensors file."""
+    import safetensors.torch
+
+    path = tmp_path / "linear.safetensors"
+    safetensors.torch.save_file(randomize_(torch.nn.Linear(512, 512)).state_dict(), path)
+    layer = torch.nn.Linear(512, 512, device="meta")
+    layer.load_state_dict(read_state_dict(path)[0], assign=True)
+    return layer
+
+
+needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
+
+
+@needs_linux
+def test_release_pages_unmaps_checkpoint_pages_and_keeps_the_values(tmp_path):
+    layer = mapped_linear(tmp_path)
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        y = layer(x)
+        assert resident_bytes(layer) >= 512 * 512 * 4
+        assert release_pages(layer) >= 512 * 512 * 4
+        assert resident_bytes(layer) == 0
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)  # read back from the file
+    assert resident_bytes(layer) >= 512 * 512 * 4
+
+
+@needs_linux
+def test_release_pages_leaves_ordinary_and_modified_memory_alone(tmp_path):
+    layer = randomize_(torch.nn.Linear(64, 64))
+    before = layer.weight.clone()
+    assert release_pages(layer) == 0
+    torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
+    mapped = mapped_linear(tmp_path)
+    with torch.no_grad():
+        mapped.weight[0, 0] += 1.0  # a private copy of one page: the mapping no longer matches the file
+    edited = mapped.weight.clone()
+    assert release_pages(mapped) == 0
+    torch.testing.assert_close(mapped.weight, edited, rtol=0, atol=0)
+
+
+@needs_linux
+def test_release_idle_units_gives_the_plain_image_with_one_unit_resident(tiny_ldm, tiny_config, tmp_path):
+    """A model read from a checkpoint file: after text encoding, sampling and decoding, only the VAE decoder's
+    pages are still mapped (up to the kernel's fault-around window next to them and the few buffers made at
+    load time), and the image is the same as without releasing."""
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(ckpt, tiny_ldm.state_dict())
+    model = load_model_from_config(tiny_config, ckpt, verbose=False)
+    plain = ddim_image(model)
+    text_encoder, unet, _, decoder = lowvram_units(model)
+    size = {unit: sum(t.numel() * t.element_size() for t in chain(unit.parameters(), unit.buffers()))
+            for unit in (text_encoder, unet, decoder)}  # fmt: skip
+    assert resident_bytes(unet) >= size[unet] and resident_bytes(decoder) >= size[decoder]
+    assert resident_bytes(text_encoder) > 0.1 * size[text_encoder]  # token embedding: only the rows looked up
+    release_idle_units(model)
+    torch.testing.assert_close(ddim_image(model), plain, rtol=0, atol=0)
+    assert resident_bytes(text_encoder) < 0.02 * size[text_encoder]
+    assert resident_bytes(unet) < 0.02 * size[unet]
+    assert resident_bytes(decoder) >= size[decoder]
+
+
+HEAP_PROBE = """
+import resource, sys, torch
+from ldm.memory import keep_freed_memory, trim_heap
+
+def rss_mib():
+    return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
+
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(16 * 2**20)  # 64 MB, above glibc's largest mmap threshold (32 MB)
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+before_trim = rss_mib()
+trim_heap()
+print(sum(faults[-5:]), before_trim - rss_mib())
+"""
+
+
+@needs_linux
+def test_keep_freed_memory_stops_page_faults_and_trim_heap_returns_the_memory():
+    """Plain glibc maps and unmaps a big block at every allocation (a page fault per 4 KiB page, every time);
+    after keep_freed_memory it is reused, and trim_heap hands the kept memory back."""
+    import subprocess
+
+    def probe(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return tuple(int(v) for v in out.stdout.split())
+
+    plain_faults, _ = probe("plain")
+    kept_faults, trimmed_mib = probe("keep")
+    assert plain_faults >= 5 * 16000  # 64 MB / 4 KiB per allocation
+    assert kept_faults < plain_faults / 10
+    assert trimmed_mib >= 60
+
+
 def memory_flags(**kw) -> argparse.Namespace:
     flags = dict(vae_tiling=False, attention_chunk=None, lowvram=False, compile=False, threads=None)
     return argparse.Namespace(**{**flags, **kw})
@@ -135,14 +262,13 @@ def test_apply_memory_options(tiny_ldm, capsys):
     apply_memory_options(tiny_ldm, memory_flags(vae_tiling=True, attention_chunk=3, lowvram=True),
                          torch.device("cpu"), "full")  # fmt: skip
     assert "nothing to offload" in capsys.readouterr().out
+    assert all(len(unit._forward_pre_hooks) == 1 for unit in lowvram_units(tiny_ldm))  # release_idle_units
     assert tiny_ldm.first_stage_model.tiling == (64, 16)
     assert tiny_ldm.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.chunk == 3
     torch.testing.assert_close(ddim_image(tiny_ldm), plain, rtol=0, atol=1e-4)
 
 
 def test_txt2img_with_memory_flags_makes_the_same_image(tiny_config, tmp_path):
-    from conftest import randomize_
-
     from ldm.util import instantiate_from_config
 
     ckpt = tmp_path / "tiny.ckpt"
