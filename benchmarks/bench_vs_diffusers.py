@@ -190,6 +190,28 @@ def child_e2e(impl: str, path: Path, size: int, steps: int, outdir: Path) -> Non
     emit({"peak_rss_mib": peak_rss_mib()})
 
 
+def child_unet(impl: str, path: Path, size: int, reps: int) -> None:
+    """UNet steps (batch 2) in a fresh process set up as each implementation's txt2img sets it up: ours with
+    `keep_freed_memory`, as its scripts do on the CPU. Median of `reps` steps after one warm-up."""
+    from ldm.memory import keep_freed_memory
+
+    torch.manual_seed(0)
+    x, t, c = (
+        torch.randn(2, 4, size // 8, size // 8),
+        torch.full((2,), 500, dtype=torch.long),
+        torch.randn(2, 77, 768),
+    )
+    with torch.inference_mode():
+        if impl == "ours":
+            model = load_ours(path)
+            keep_freed_memory()
+            step = lambda: model.apply_model(x, t, c)  # noqa: E731
+        else:
+            unet = load_diffusers(path)["unet"]
+            step = lambda: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+        emit({"step_s": alternate({impl: step}, reps)[impl]})
+
+
 def run_child(args: list[str]) -> dict:
     """Run this script as a child; its result plus the wall time of the whole process."""
     start = time.perf_counter()
@@ -374,6 +396,9 @@ def table(results: dict, peaks: dict) -> str:
             f"UNet step {size}² (batch 2, {flops / 1e12:.2f} TFLOP)",
             step["ours"], step["diffusers"], "s", of_peak(step["ours"]), of_peak(step["diffusers"]),
         )  # fmt: skip
+    if "unet_proc_512" in results:
+        r = results["unet_proc_512"]
+        row("UNet step 512², a process each, set up as its txt2img", r["ours"], r["diffusers"], "s")
     for key, name in (("vae_decode_256", "VAE decode 256²"), ("text_encode", "text encoding (2 prompts)")):
         row(name, results[key]["ours"], results[key]["diffusers"], "s")
     for key, name in (("load_safetensors", "model load (.safetensors)"),):
@@ -418,6 +443,12 @@ def measure(opt: argparse.Namespace, path: Path) -> tuple[dict, dict]:
         print(impl, results["load_safetensors"][impl], flush=True)
     results["load_ckpt_ours"] = run_child(child_args(opt, "load", "ours", str(opt.workdir / "model.ckpt")))
     results["tensor_mib"] = tensor_bytes(path) / 2**20
+    runs = {"ours": [], "diffusers": []}
+    for rep in range(opt.e2e_reps):
+        for impl in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
+            runs[impl].append(run_child(child_args(opt, "unet", impl, str(path), "512", "2"))["step_s"])
+            print("unet_proc_512", impl, runs[impl][-1], flush=True)
+    results["unet_proc_512"] = {impl: statistics.median(steps) for impl, steps in runs.items()}
     for size, steps in ((256, 10), (512, 2)):
         key = f"e2e_{size}_{steps}"
         runs = {"ours": [], "diffusers": []}
@@ -467,6 +498,8 @@ def main() -> None:
         kind, impl, path, *rest = opt.child
         if kind == "load":
             child_load(impl, Path(path))
+        elif kind == "unet":
+            child_unet(impl, Path(path), int(rest[0]), int(rest[1]))
         else:
             child_e2e(impl, Path(path), int(rest[0]), int(rest[1]), Path(rest[2]))
         return
