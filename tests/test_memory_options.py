@@ -241,7 +241,9 @@ def test_keep_freed_memory_stops_page_faults_and_trim_heap_returns_the_memory():
     import subprocess
 
     def probe(mode: str) -> tuple[int, int]:
-        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", HEAP_PROBE, mode], cwd=ROOT, capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr
         return tuple(int(v) for v in out.stdout.split())
 
