@@ -140,19 +140,23 @@ _MADV_DONTNEED = 4
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 
+def _libc_function(name: str) -> Callable | None:
+    """The C library's function `name` on Linux (glibc's mallopt, malloc_trim, madvise); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return getattr(ctypes.CDLL(None, use_errno=True), name, None)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks for reuse instead of returning them to the OS (Linux/glibc;
     elsewhere a no-op returning False).
 
     glibc serves every block over 32 MB with its own mmap and unmaps it when freed, so each large activation
-    (a 512² UNet step has many of 40-80 MB) is page-faulted in afresh at every step: about 0.5 M page faults
+    (a 512² UNet step has many of 40-80 MB) is page-faulted in afresh at every step: about 0.6 M page faults
     per step, 15% of its time on 2 cores (BENCHMARKS.md). With this, they come from the heap, which keeps
     what is freed; peak RSS grows by the heap's spare room (~80 MB at 512²)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:  # not glibc
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -165,9 +169,8 @@ def _clean_file_mappings() -> list[tuple[int, int]]:
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             fields = line.split()
-            if (
-                "-" in fields[0] and len(fields) >= 5
-            ):  # a mapping's header: range perms offset dev inode [path]
+            # a mapping's header: range perms offset dev inode [path]; then "Key: value" lines
+            if "-" in fields[0] and len(fields) >= 5:
                 start, end = (int(a, 16) for a in fields[0].split("-"))
                 current = (start, end) if fields[4] != "0" else None
             elif fields[0] == "Anonymous:" and current is not None:
@@ -177,16 +180,18 @@ def _clean_file_mappings() -> list[tuple[int, int]]:
     return sorted(spans)
 
 
-def release_pages(module: nn.Module) -> int:
-    """Give the OS back this process's resident pages of `module`'s CPU tensors that are views of a
+def release_pages(*modules: nn.Module) -> int:
+    """Give the OS back this process's resident pages of the modules' CPU tensors that are views of a
     memory-mapped checkpoint (Linux; elsewhere a no-op). The pages stay in the OS page cache and are mapped
     again on the tensors' next use; tensors in ordinary memory are left alone. Returns the bytes released."""
-    if not sys.platform.startswith("linux"):
-        return 0
+    madvise = _libc_function("madvise")
     tensors = [
-        t for t in chain(module.parameters(), module.buffers()) if t.device.type == "cpu" and t.numel()
+        t
+        for module in modules
+        for t in chain(module.parameters(), module.buffers())
+        if t.device.type == "cpu" and t.numel()
     ]
-    if not tensors:
+    if madvise is None or not tensors:
         return 0
     mappings = _clean_file_mappings()
     starts = [start for start, _ in mappings]
@@ -206,23 +211,18 @@ def release_pages(module: nn.Module) -> int:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([begin, end])
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released = 0
     for begin, end in merged:
-        if libc.madvise(begin, end - begin, _MADV_DONTNEED) == 0:
+        if madvise(begin, end - begin, _MADV_DONTNEED) == 0:
             released += end - begin
     return released
 
 
 def trim_heap() -> bool:
     """Return the heap's free memory to the OS (glibc's malloc_trim; elsewhere a no-op returning False)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except AttributeError:  # not glibc
-        return False
+    malloc_trim = _libc_function("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 def release_idle_units(model: nn.Module) -> None:
@@ -236,9 +236,7 @@ def release_idle_units(model: nn.Module) -> None:
     @torch.compiler.disable  # plain Python around the (possibly compiled) UNet
     def switch_to(unit: nn.Module, args) -> None:
         if active[0] is not unit:
-            for other in units:
-                if other is not unit:
-                    release_pages(other)
+            release_pages(*(other for other in units if other is not unit))
             trim_heap()
             active[0] = unit
 
