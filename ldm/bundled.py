@@ -14,10 +14,8 @@ from ldm.checkpoint import read_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 _NETWORKS = ("model.", "first_stage_model.", "cond_stage_model.")  # LatentDiffusion's three networks
-_FIRST_STAGE_TRAINING_PARAMS = (
-    "ckpt_path",
-    "train_decoder_only",
-)  # AutoencoderKL params of training runs only
+# AutoencoderKL params of training runs only
+_FIRST_STAGE_TRAINING_PARAMS = ("ckpt_path", "train_decoder_only")
 
 
 @dataclass(frozen=True)
