@@ -5,8 +5,10 @@ import os
 import pickle
 import re
 import secrets
+import threading
 import zipfile
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,30 @@ def save_checkpoint(
 
 
 def model_hash(path: str | Path) -> str:
-    """First 10 hex digits of the file's sha256 (the short hash A1111 writes into image metadata)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:10]
+    """First 10 hex digits of the file's sha256 (the short hash A1111 writes into image metadata).
+
+    Read in 16 MiB chunks: reads and hashing release the GIL, and so few chunks that a thread doing this rarely
+    waits to get the GIL back (with hashlib.file_digest's 256 KiB chunks, hashing 4 GB beside the model load took
+    9.3-9.8 s instead of 5.4-6.1 s)."""
+    digest = hashlib.sha256()
+    chunk = memoryview(bytearray(16 << 20))
+    with open(path, "rb", buffering=0) as f:
+        while size := f.readinto(chunk):
+            digest.update(chunk[:size])
+    return digest.hexdigest()[:10]
+
+
+def model_hash_in_background(path: str | Path) -> Future:
+    """model_hash(path) computed on a daemon thread: hashlib and file reads release the GIL, so a multi-GB file
+    is hashed on another core while this one imports and builds the model. Result or error via `.result()`;
+    a daemon thread never holds up the exit of a run that fails first."""
+    future: Future = Future()
+
+    def work() -> None:
+        try:
+            future.set_result(model_hash(path))
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=work, name="model_hash", daemon=True).start()
+    return future

@@ -303,9 +303,10 @@ def open_session(
     device = select_device(opt.device)
     precision = resolve_precision(opt.precision, device)
 
-    from ldm.checkpoint import model_hash
+    from ldm.checkpoint import model_hash_in_background
     from ldm.safety import load_safety_checker
 
+    ckpt_hash = model_hash_in_background(ckpt)
     model = load_model(config, ckpt, torch.device("cpu") if opt.lowvram else device)
     apply_memory_options(model, opt, device, precision)
     return Session(
@@ -316,9 +317,9 @@ def open_session(
         precision=precision,
         model=model,
         sampler=make_sampler(sampler_name, model),
-        model_hash=model_hash(ckpt),
         safety_checker=None if opt.no_safety_checker else load_safety_checker(opt.safety_checker, device),
         watermark=Watermarker(),
+        model_hash=ckpt_hash.result(),  # after everything else that loads
     )
 
 

@@ -2,6 +2,7 @@
 latent-space steps of img2img and inpainting."""
 
 import contextlib
+import gc
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,12 +27,17 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(), turning a UserError into a one-line message and its exit status."""
+    """Run a script's main(), turning a UserError into a one-line message and its exit status.
+
+    After a run, the garbage collector is frozen: the interpreter's collections at exit would otherwise traverse
+    every object that torch, torchvision and transformers created, 1-2 s of wall time after the last image is
+    written (see BENCHMARKS.md); the OS frees the memory either way."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    gc.freeze()
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -14,6 +14,7 @@ from ldm.checkpoint import (
     load_model_from_config,
     load_weights,
     model_hash,
+    model_hash_in_background,
     read_state_dict,
     save_checkpoint,
 )
@@ -243,3 +244,11 @@ def test_model_hash(tmp_path):
     save_checkpoint(path, {"w": torch.arange(4.0)})
     assert model_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert len(model_hash(path)) == 10
+
+
+def test_model_hash_in_background(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, {"w": torch.randn(1000)})
+    assert model_hash_in_background(path).result(timeout=60) == model_hash(path)
+    with pytest.raises(FileNotFoundError):
+        model_hash_in_background(tmp_path / "missing.ckpt").result(timeout=60)

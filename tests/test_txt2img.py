@@ -1,5 +1,6 @@
 """scripts/txt2img.py end to end on the tiny model: files, numbering, seeds, metadata, bad input."""
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,21 @@ def test_bundled_model_by_name_uses_its_config_size_and_scale(tmp_path):
     assert Image.open(tmp_path / "samples" / "00000.png").size == (64, 64)
     assert params["scale"] == 3.0 and params["config"].endswith("models/ldm/shapes/config.yaml")
     assert "--ckpt" in params["remake"] and "model.safetensors" in params["remake"]
+
+
+def test_run_cli_reports_user_errors_and_freezes_the_collector_after_a_run(capsys):
+    from ldm.inference import UserError, run_cli
+
+    def fail():
+        raise UserError("--H 100 is not a multiple of 64", exit_code=3)
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(fail)
+    assert exit_info.value.code == 3
+    assert capsys.readouterr().err == "error: --H 100 is not a multiple of 64\n"
+    before = gc.get_freeze_count()
+    try:
+        run_cli(lambda: None)
+        assert gc.get_freeze_count() > before  # exit-time collections skip everything alive now
+    finally:
+        gc.unfreeze()
