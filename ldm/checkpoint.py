@@ -1,6 +1,8 @@
 """Weights in and out: safe `.ckpt` unpickling, `.safetensors`, key fix-ups, loading into meta-built models."""
 
+import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -242,15 +244,51 @@ def model_hash(path: str | Path) -> str:
     return digest.hexdigest()[:10]
 
 
+def hash_cache_path() -> Path:
+    """The JSON file that remembers checkpoint hashes: $LDM_HASH_CACHE, else ldm/model-hashes.json in the user's
+    cache folder ($XDG_CACHE_HOME or ~/.cache)."""
+    if os.environ.get("LDM_HASH_CACHE"):
+        return Path(os.environ["LDM_HASH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm" / "model-hashes.json"
+
+
+def cached_model_hash(path: str | Path, cache: Path | None = None) -> str:
+    """model_hash(path), remembered in `cache` (default hash_cache_path()) under the file's absolute path with its
+    size and modification time, so a multi-GB checkpoint is read once rather than at every run (as A1111 does).
+    A cache file that can't be read or written is ignored; it is replaced atomically."""
+    path, cache = Path(path).resolve(), cache or hash_cache_path()
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        entries = {}
+    entries = entries if isinstance(entries, dict) else {}
+    entry = entries.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("hash"), str):
+        return entry["hash"]
+    digest = model_hash(path)
+    entries[str(path)] = {"stamp": stamp, "hash": digest}
+    tmp = cache.with_name(f".{cache.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, cache)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return digest
+
+
 def model_hash_in_background(path: str | Path) -> Future:
-    """model_hash(path) computed on a daemon thread: hashlib and file reads release the GIL, so a multi-GB file
-    is hashed on another core while this one imports and builds the model. Result or error via `.result()`;
-    a daemon thread never holds up the exit of a run that fails first."""
+    """cached_model_hash(path) computed on a daemon thread: hashlib and file reads release the GIL, so a
+    multi-GB file is hashed on another core while this one imports and builds the model. Result or error via
+    `.result()`; a daemon thread never holds up the exit of a run that fails first."""
     future: Future = Future()
 
     def work() -> None:
         try:
-            future.set_result(model_hash(path))
+            future.set_result(cached_model_hash(path))
         except BaseException as error:
             future.set_exception(error)
 

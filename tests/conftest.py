@@ -23,6 +23,16 @@ def randomize_(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> tor
     return module
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_cache(tmp_path_factory):
+    """Checkpoint hashes that the scripts remember go to a throwaway file, not the user's cache (subprocesses
+    inherit the variable)."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("hash-cache") / "model-hashes.json"
+        patch.setenv("LDM_HASH_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return OmegaConf.load(TINY_CONFIG)

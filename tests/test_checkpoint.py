@@ -1,6 +1,7 @@
 """ldm.checkpoint: safe reading, key fix-ups, dtype casts, meta-device loading, atomic saving."""
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -11,6 +12,8 @@ from torch import nn
 
 from ldm.checkpoint import (
     CheckpointError,
+    cached_model_hash,
+    hash_cache_path,
     load_model_from_config,
     load_weights,
     model_hash,
@@ -252,3 +255,37 @@ def test_model_hash_in_background(tmp_path):
     assert model_hash_in_background(path).result(timeout=60) == model_hash(path)
     with pytest.raises(FileNotFoundError):
         model_hash_in_background(tmp_path / "missing.ckpt").result(timeout=60)
+
+
+def test_cached_model_hash_reads_a_file_once_per_size_and_mtime(tmp_path):
+    path, cache = tmp_path / "model.safetensors", tmp_path / "cache" / "hashes.json"
+    save_checkpoint(path, {"w": torch.arange(4.0)})
+    first = cached_model_hash(path, cache)
+    assert first == model_hash(path)
+    assert json.loads(cache.read_text())[str(path.resolve())]["hash"] == first
+    stat = path.stat()
+    path.write_bytes(path.read_bytes()[::-1])  # same size; put the old mtime back: the cache answers
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert cached_model_hash(path, cache) == first
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # modified: hashed again
+    assert cached_model_hash(path, cache) == model_hash(path) != first
+    assert [p.name for p in cache.parent.iterdir()] == ["hashes.json"]  # no temporary file left
+
+
+def test_cached_model_hash_survives_a_broken_or_unwritable_cache(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, {"w": torch.arange(4.0)})
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert cached_model_hash(path, broken) == model_hash(path)
+    assert str(path.resolve()) in json.loads(broken.read_text())  # rewritten whole
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cached_model_hash(path, blocker / "hashes.json") == model_hash(path)  # its folder is a file
+
+
+def test_hash_cache_path_from_the_environment(monkeypatch, tmp_path, hash_cache):
+    assert hash_cache_path() == hash_cache  # tests never touch the user's cache
+    monkeypatch.delenv("LDM_HASH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hash_cache_path() == tmp_path / "ldm" / "model-hashes.json"
