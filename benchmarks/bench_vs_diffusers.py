@@ -392,22 +392,21 @@ def table(results: dict, peaks: dict) -> str:
             f"| {ours / theirs:.2f} |"
         )
 
+    def of_peak(seconds: float, flops: int) -> str:
+        return f" ({flops / seconds / 1e9:.0f} GFLOP/s, {flops / seconds / 1e9 / peaks['fp32']:.0%} of peak)"
+
     for size in (256, 512):
-        step = results[f"unet_step_{size}"]
-        flops = results[f"unet_flops_{size}"]
-
-        def of_peak(seconds: float, flops: int = flops) -> str:
-            return (
-                f" ({flops / seconds / 1e9:.0f} GFLOP/s, {flops / seconds / 1e9 / peaks['fp32']:.0%} of peak)"
-            )
-
+        step, flops = results[f"unet_step_{size}"], results[f"unet_flops_{size}"]
         row(
-            f"UNet step {size}² (batch 2, {flops / 1e12:.2f} TFLOP)",
-            step["ours"], step["diffusers"], "s", of_peak(step["ours"]), of_peak(step["diffusers"]),
+            f"UNet step {size}² (batch 2, {flops / 1e12:.2f} TFLOP)", step["ours"], step["diffusers"], "s",
+            of_peak(step["ours"], flops), of_peak(step["diffusers"], flops),
         )  # fmt: skip
     if "unet_proc_512" in results:
-        r = results["unet_proc_512"]
-        row("UNet step 512², a process each, set up as its txt2img", r["ours"], r["diffusers"], "s")
+        r, flops = results["unet_proc_512"], results["unet_flops_512"]
+        row(
+            "UNet step 512², a process each, set up as its txt2img", r["ours"], r["diffusers"], "s",
+            of_peak(r["ours"], flops), of_peak(r["diffusers"], flops),
+        )  # fmt: skip
     for key, name in (("vae_decode_256", "VAE decode 256²"), ("text_encode", "text encoding (2 prompts)")):
         row(name, results[key]["ours"], results[key]["diffusers"], "s")
     for key, name in (("load_safetensors", "model load (.safetensors)"),):
