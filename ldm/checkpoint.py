@@ -244,12 +244,16 @@ def model_hash(path: str | Path) -> str:
     return digest.hexdigest()[:10]
 
 
-def hash_cache_path() -> Path:
+def hash_cache_path() -> Path | None:
     """The JSON file that remembers checkpoint hashes: $LDM_HASH_CACHE, else ldm/model-hashes.json in the user's
-    cache folder ($XDG_CACHE_HOME or ~/.cache)."""
+    cache folder ($XDG_CACHE_HOME or ~/.cache); None without either (no home directory)."""
     if os.environ.get("LDM_HASH_CACHE"):
         return Path(os.environ["LDM_HASH_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm" / "model-hashes.json"
+    try:
+        root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:
+        return None
+    return Path(root) / "ldm" / "model-hashes.json"
 
 
 def cached_model_hash(path: str | Path, cache: Path | None = None) -> str:
@@ -257,6 +261,8 @@ def cached_model_hash(path: str | Path, cache: Path | None = None) -> str:
     size and modification time, so a multi-GB checkpoint is read once rather than at every run (as A1111 does).
     A cache file that can't be read or written is ignored; it is replaced atomically."""
     path, cache = Path(path).resolve(), cache or hash_cache_path()
+    if cache is None:
+        return model_hash(path)
     stat = path.stat()
     stamp = [stat.st_size, stat.st_mtime_ns]
     try:

@@ -30,7 +30,7 @@ def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main(), turning a UserError into a one-line message and its exit status.
 
     After a run, the garbage collector is frozen: the interpreter's collections at exit would otherwise traverse
-    every object that torch, torchvision and transformers created, 1-2 s of wall time after the last image is
+    every object that torch, torchvision and transformers created, ~2 s of wall time after the last image is
     written (see BENCHMARKS.md); the OS frees the memory either way."""
     try:
         main()

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -289,3 +290,13 @@ def test_hash_cache_path_from_the_environment(monkeypatch, tmp_path, hash_cache)
     monkeypatch.delenv("LDM_HASH_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert hash_cache_path() == tmp_path / "ldm" / "model-hashes.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    assert hash_cache_path() is None
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, {"w": torch.arange(4.0)})
+    assert cached_model_hash(path) == model_hash(path)  # hashed, nothing remembered
