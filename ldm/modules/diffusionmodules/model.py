@@ -242,9 +242,9 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f], f = 2**(len(ch_mult)-1).
 
-    On the CPU, the levels whose maps have at least `CHANNELS_LAST_PIXELS` pixels run in channels_last, where
-    oneDNN's convolutions are faster on these few-channel, large maps (512² decode 21.1 -> 19.6 s, no change at
-    256², see BENCHMARKS.md); the output is contiguous NCHW either way."""
+    On the CPU, from the upsampling that makes maps of at least `CHANNELS_LAST_PIXELS` pixels on, the layers run
+    in channels_last, where oneDNN's convolutions are faster on these few-channel, large maps (512² decode
+    20.25 -> 19.27 s, no change at 256², see BENCHMARKS.md); the output is contiguous NCHW either way."""
 
     CHANNELS_LAST_PIXELS = 256 * 256
 
