@@ -9,7 +9,7 @@ import re
 import secrets
 import threading
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from itertools import chain
 from pathlib import Path
@@ -208,6 +208,19 @@ def load_model_from_config(
     return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to: renamed onto `path` when the block succeeds, removed when it
+    fails, so `path` only ever holds its old content or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def save_checkpoint(
     path: str | Path, state_dict: Mapping[str, torch.Tensor], global_step: int | None = None, **extra: Any
 ) -> None:
@@ -215,8 +228,7 @@ def save_checkpoint(
     `{"state_dict", "global_step", **extra}` with `torch.save`. A crash never leaves a partial file at `path`."""
     path = Path(path)
     fields = {k: v for k, v in {"global_step": global_step, **extra}.items() if v is not None}
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with replaced_atomically(path) as tmp:
         if path.suffix == ".safetensors":
             tensors = {k: v.contiguous() for k, v in state_dict.items()}
             safetensors.torch.save_file(tensors, tmp, metadata={k: str(v) for k, v in fields.items()})
@@ -224,10 +236,6 @@ def save_checkpoint(
             torch.save({"state_dict": dict(state_dict), **fields}, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def model_hash(path: str | Path) -> str:
@@ -275,14 +283,10 @@ def cached_model_hash(path: str | Path, cache: Path | None = None) -> str:
         return entry["hash"]
     digest = model_hash(path)
     entries[str(path)] = {"stamp": stamp, "hash": digest}
-    tmp = cache.with_name(f".{cache.name}.{secrets.token_hex(4)}.tmp")
-    try:
+    with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(entries, indent=1))
-        os.replace(tmp, cache)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        with replaced_atomically(cache) as tmp:
+            tmp.write_text(json.dumps(entries, indent=1))
     return digest
 
 

@@ -1,7 +1,6 @@
 """The Lightning glue of main.py: config checks, trainer settings, callbacks, atomic checkpoints."""
 
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import SAFE_GLOBALS
+from ldm.checkpoint import SAFE_GLOBALS, replaced_atomically
 from ldm.util import get_obj_from_str, instantiate_from_config
 
 # Lightning 1.x trainer settings that 2.x renamed, and those it dropped (they are ignored with a note).
@@ -124,12 +123,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with replaced_atomically(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class SaveOnSignal(Callback):
