@@ -4,12 +4,14 @@ latent-space steps of img2img and inpainting."""
 import contextlib
 import gc
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+
+from ldm.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -68,11 +70,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cpu" else torch.float16
 
 
-def precision_scope(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device) -> Iterator[None]:
+    """Autocast at the precision's dtype; on a CPU without bf16 units the bf16 products run in fp32
+    (`ldm.bf16`), 100-400x faster than torch's fallback kernels there."""
     dtype = autocast_dtype(precision, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    with contextlib.ExitStack() as scope:
+        if dtype is not None:
+            scope.enter_context(torch.autocast(device.type, dtype=dtype))
+        if dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+            scope.enter_context(Bf16ProductsInFp32())
+        yield
 
 
 def resolve_path(path: str) -> Path:
