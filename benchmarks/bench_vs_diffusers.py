@@ -13,6 +13,7 @@ sampling speed (it/s) and peak VRAM at 512² (batch 1, 50 steps) and 768².
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -303,6 +304,7 @@ def micro(path: Path, reps: int) -> dict:
             results[f"unet_flops_{size}"] = unet_flops(fns["ours"])
             diff = (fns["ours"]() - fns["diffusers"]()).abs().max().item()
             results[f"unet_maxdiff_{size}"] = diff
+        results.update(bf16_step(ours, theirs["unet"], c))
         z = torch.randn(1, 4, 32, 32)
         results["vae_decode_256"] = alternate(
             {
@@ -322,6 +324,35 @@ def micro(path: Path, reps: int) -> dict:
             {"ours": lambda: ours.get_learned_conditioning(["", PROMPT]), "diffusers": encode_diffusers}, 5
         )
     return results
+
+
+def bf16_step(ours, unet, c: torch.Tensor) -> dict:
+    """UNet step 256² in bf16 as each implementation runs it (ours: `--precision autocast`, i.e. bf16 weights
+    and `precision_scope`; diffusers: its UNet in bf16 under bf16 autocast), one cold run each (torch's own
+    bf16 kernels take minutes on a CPU without bf16 units), and our bf16 eps against fp32."""
+    from ldm.inference import precision_scope
+    from ldm.memory import low_precision
+
+    x, t = torch.randn(2, 4, 32, 32), torch.full((2,), 500, dtype=torch.long)
+    plain = ours.apply_model(x, t, c)
+    ours_bf16 = copy.deepcopy(ours)
+    low_precision(ours_bf16, torch.bfloat16)
+    unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)
+
+    def step_ours():
+        with precision_scope("autocast", torch.device("cpu")):
+            return ours_bf16.apply_model(x, t, c)
+
+    def step_diffusers():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return unet_bf16(x.bfloat16(), t, encoder_hidden_states=c.bfloat16()).sample
+
+    result = {
+        "unet_step_256_bf16": alternate({"ours": step_ours, "diffusers": step_diffusers}, 1, warmup=False)
+    }
+    result["unet_bf16_maxdiff_256"] = (step_ours().float() - plain).abs().max().item()
+    result["unet_fp32_maxabs_256"] = plain.abs().max().item()
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -392,14 +423,21 @@ def table(results: dict, peaks: dict) -> str:
             f"| {ours / theirs:.2f} |"
         )
 
-    def of_peak(seconds: float, flops: int) -> str:
-        return f" ({flops / seconds / 1e9:.0f} GFLOP/s, {flops / seconds / 1e9 / peaks['fp32']:.0%} of peak)"
+    def of_peak(seconds: float, flops: int, peak: str = "fp32") -> str:
+        rate = flops / seconds / 1e9
+        return f" ({rate:.0f} GFLOP/s, {rate / peaks[peak]:.0%} of the {peak} peak)"
 
     for size in (256, 512):
         step, flops = results[f"unet_step_{size}"], results[f"unet_flops_{size}"]
         row(
             f"UNet step {size}² (batch 2, {flops / 1e12:.2f} TFLOP)", step["ours"], step["diffusers"], "s",
             of_peak(step["ours"], flops), of_peak(step["diffusers"], flops),
+        )  # fmt: skip
+    if "unet_step_256_bf16" in results:
+        step, flops = results["unet_step_256_bf16"], results["unet_flops_256"]
+        row(
+            "UNet step 256², bf16 (one cold run each)", step["ours"], step["diffusers"], "s",
+            of_peak(step["ours"], flops, "bf16"), of_peak(step["diffusers"], flops, "bf16"),
         )  # fmt: skip
     if "unet_proc_512" in results:
         r, flops = results["unet_proc_512"], results["unet_flops_512"]
@@ -420,6 +458,15 @@ def table(results: dict, peaks: dict) -> str:
         row(f"txt2img {size}², DDIM {steps} steps: peak RSS", r["ours"]["peak_rss_mib"],
             r["diffusers"]["peak_rss_mib"], "MiB")  # fmt: skip
     return "\n".join(rows)
+
+
+def bf16_note(results: dict) -> str:
+    if "unet_bf16_maxdiff_256" not in results:
+        return ""
+    return (
+        f" Our bf16 eps against fp32 at 256²: max |diff| {results['unet_bf16_maxdiff_256']:.3f} "
+        f"(fp32 eps up to {results['unet_fp32_maxabs_256']:.2f})."
+    )
 
 
 def load_table(results: dict) -> str:
@@ -538,7 +585,7 @@ def main() -> None:
         f"512² UNet step; load once in a fresh process; txt2img: median wall time and highest peak RSS of "
         f"{opt.e2e_reps} alternated fresh processes each).\n\n" + table(results, peaks) + "\n\n"
         f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
-        f"512²: {results['unet_maxdiff_512']:.2e}.\n\n" + load_table(results)
+        f"512²: {results['unet_maxdiff_512']:.2e}.{bf16_note(results)}\n\n" + load_table(results)
     )
     print(text)
     if opt.write:
