@@ -9,10 +9,12 @@ UNet step (batch 2, classifier-free guidance) at 256² and 512² with its FLOP c
 and, each in a fresh process, model load (time, peak RSS) and end-to-end txt2img (wall time, peak RSS;
 `--e2e-reps` alternated processes each).
 The machine's fp32/bf16 GEMM peak puts the UNet step in context. With `--cuda` it instead measures fp16
-sampling speed (it/s) and peak VRAM at 512² (batch 1, 50 steps) and 768².
+sampling speed (it/s) and peak VRAM at 512² (batch 1, 50 steps) and 768², each image in a fresh process, and
+ours with --lowvram.
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -358,41 +360,97 @@ def bf16_step(ours, unet, c: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------- CUDA
 
 
-def cuda_bench(path: Path) -> dict:
-    """fp16 sampling speed (it/s) and peak VRAM of both implementations at 512² (batch 1, 50 steps) and 768²."""
-    from ldm.memory import half_precision
-
-    device = torch.device("cuda")
-    results = {}
-    ours = load_ours(path, device="cuda")
-    half_precision(ours)
-    theirs = load_diffusers(path, device="cuda", dtype=torch.float16)
-    pipe = diffusers_pipeline(theirs).to(device)
+def child_sampling(impl: str, path: Path, size: int, steps: int, lowvram: bool, device: str) -> None:
+    """Sampling speed and peak memory in a fresh process, as each implementation runs on a GPU (fp16; fp32 when
+    `device` is the CPU, for a smoke test): two images, the first warming up cuDNN and the allocator; it/s between
+    the first and the last sampling step of the second, and the peak memory of the whole process."""
+    from ldm.inference import precision_scope
+    from ldm.memory import enable_lowvram, half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
 
-    sampler = DDIMSampler(ours)
-    for size, steps in ((512, 50), (768, 50)):
-        for impl in ("ours", "diffusers"):
+    on_gpu = device != "cpu"
+    marks: list[float] = []
+
+    def mark() -> None:
+        if on_gpu:
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
-                if impl == "ours":
-                    c = ours.get_learned_conditioning([PROMPT])
-                    uc = ours.get_learned_conditioning([""])
-                    z, _ = sampler.sample(S=steps, batch_size=1, shape=(4, size // 8, size // 8), conditioning=c,
-                                          unconditional_guidance_scale=SCALE, unconditional_conditioning=uc,
-                                          verbose=False)  # fmt: skip
-                    ours.decode_first_stage(z)
-                else:
-                    pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=SCALE)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            results[f"{impl}_{size}"] = {
-                "it_per_s": steps / seconds,
-                "peak_vram_mib": torch.cuda.max_memory_allocated() / 2**20,
-            }
+        marks.append(time.perf_counter())
+
+    if impl == "ours":
+        model = load_ours(path, device="cpu" if lowvram else device)
+        if on_gpu:
+            half_precision(model)
+        if lowvram:
+            enable_lowvram(model, device)
+        sampler = DDIMSampler(model)
+        scope = lambda: precision_scope("autocast" if on_gpu else "full", torch.device(device))  # noqa: E731
+
+        def image():
+            c, uc = model.get_learned_conditioning([PROMPT]), model.get_learned_conditioning([""])
+            z, _ = sampler.sample(
+                S=steps, batch_size=1, shape=(4, size // 8, size // 8), conditioning=c,
+                unconditional_guidance_scale=SCALE, unconditional_conditioning=uc, verbose=False,
+                callback=lambda i: mark(),
+            )  # fmt: skip
+            return model.decode_first_stage(z)
+    else:
+        dtype = torch.float16 if on_gpu else torch.float32
+        pipe = diffusers_pipeline(load_diffusers(path, device=device, dtype=dtype))
+        scope = contextlib.nullcontext
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            mark()
+            return callback_kwargs
+
+        def image():
+            return pipe(
+                PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=SCALE,
+                callback_on_step_end=on_step_end,
+            ).images  # fmt: skip
+
+    with torch.inference_mode(), scope():
+        image()
+        marks.clear()
+        image()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_mib()
+    emit({"it_per_s": (len(marks) - 1) / (marks[-1] - marks[0]), "peak_mib": peak})
+
+
+def sampling_bench(opt: argparse.Namespace, path: Path, device: str = "cuda") -> dict:
+    """fp16 it/s and peak VRAM of both implementations at 512² and 768² (batch 1, 50 steps), each image in a
+    fresh process (`--e2e-reps` alternated processes each: median it/s, highest peak), and ours with --lowvram."""
+    results = {}
+    variants = [(size, impl, False) for size in (512, 768) for impl in ("ours", "diffusers")]
+    for size, impl, lowvram in [*variants, (512, "ours", True)]:
+        runs = []
+        for _ in range(opt.e2e_reps if not lowvram else 1):
+            args = ["sampling", impl, str(path), str(size), str(opt.steps), str(int(lowvram)), device]
+            runs.append(run_child(child_args(opt, *args)))
+            print(size, impl, "lowvram" * lowvram, runs[-1], flush=True)
+        results[f"{impl}{'_lowvram' * lowvram}_{size}"] = {
+            "it_per_s": statistics.median(r["it_per_s"] for r in runs),
+            "peak_mib": max(r["peak_mib"] for r in runs),
+        }
     return results
+
+
+def sampling_table(results: dict) -> str:
+    rows = ["| fp16, batch 1 | this project | diffusers | ratio |", "|---|---:|---:|---:|"]
+    for size in (512, 768):
+        ours, theirs = results[f"ours_{size}"], results[f"diffusers_{size}"]
+        rows.append(
+            f"| {size}²: it/s | {ours['it_per_s']:.2f} | {theirs['it_per_s']:.2f} "
+            f"| {ours['it_per_s'] / theirs['it_per_s']:.2f} |"
+        )
+        rows.append(
+            f"| {size}²: peak memory | {ours['peak_mib']:.0f} MiB | {theirs['peak_mib']:.0f} MiB "
+            f"| {ours['peak_mib'] / theirs['peak_mib']:.2f} |"
+        )
+    low = results["ours_lowvram_512"]
+    rows.append(
+        f"| 512², `--lowvram`: it/s, peak memory | {low['it_per_s']:.2f}, {low['peak_mib']:.0f} MiB | | |"
+    )
+    return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -545,6 +603,7 @@ def main() -> None:
     )
     parser.add_argument("--write", type=Path, default=None, help="append the results to this markdown file")
     parser.add_argument("--cuda", action="store_true", help="measure fp16 it/s and peak VRAM on the GPU")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps per image with --cuda")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads for both implementations (default: torch's)"
     )
@@ -559,6 +618,8 @@ def main() -> None:
         kind, impl, path, *rest = opt.child
         if kind == "load":
             child_load(impl, Path(path))
+        elif kind == "sampling":
+            child_sampling(impl, Path(path), int(rest[0]), int(rest[1]), rest[2] == "1", rest[3])
         elif kind == "unet":
             child_unet(impl, Path(path), int(rest[0]), int(rest[1]))
         else:
@@ -568,7 +629,12 @@ def main() -> None:
     prepare(opt.workdir)
     path = opt.workdir / "model.safetensors"
     if opt.cuda:
-        print(json.dumps(cuda_bench(path), indent=2))
+        results = sampling_bench(opt, path)
+        text = f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + sampling_table(results)
+        print(json.dumps(results, indent=2), text, sep="\n")
+        if opt.write:
+            with open(opt.write, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
         return
     if opt.report:
         saved = json.loads((opt.workdir / "results.json").read_text())
