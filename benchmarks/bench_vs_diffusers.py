@@ -235,6 +235,17 @@ def child_args(opt: argparse.Namespace, *args: str) -> list[str]:
     return [*(["--threads", str(opt.threads)] if opt.threads else []), "--child", *args]
 
 
+def alternated_children(opt: argparse.Namespace, label: str, args_of) -> dict[str, list[dict]]:
+    """`--e2e-reps` child processes per implementation, alternated (order flipped each round); `args_of(impl)`
+    gives a child's arguments. Each implementation's results in order."""
+    runs = {"ours": [], "diffusers": []}
+    for rep in range(opt.e2e_reps):
+        for impl in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
+            runs[impl].append(run_child(child_args(opt, *args_of(impl))))
+            print(label, impl, runs[impl][-1], flush=True)
+    return runs
+
+
 # ---------------------------------------------------------------------------------------------- timing
 
 
@@ -417,20 +428,24 @@ def child_sampling(impl: str, path: Path, size: int, steps: int, lowvram: bool, 
 
 
 def sampling_bench(opt: argparse.Namespace, path: Path, device: str = "cuda") -> dict:
-    """fp16 it/s and peak VRAM of both implementations at 512² and 768² (batch 1, 50 steps), each image in a
-    fresh process (`--e2e-reps` alternated processes each: median it/s, highest peak), and ours with --lowvram."""
-    results = {}
-    variants = [(size, impl, False) for size in (512, 768) for impl in ("ours", "diffusers")]
-    for size, impl, lowvram in [*variants, (512, "ours", True)]:
-        runs = []
-        for _ in range(opt.e2e_reps if not lowvram else 1):
-            args = ["sampling", impl, str(path), str(size), str(opt.steps), str(int(lowvram)), device]
-            runs.append(run_child(child_args(opt, *args)))
-            print(size, impl, "lowvram" * lowvram, runs[-1], flush=True)
-        results[f"{impl}{'_lowvram' * lowvram}_{size}"] = {
-            "it_per_s": statistics.median(r["it_per_s"] for r in runs),
-            "peak_mib": max(r["peak_mib"] for r in runs),
+    """fp16 it/s and peak VRAM of both implementations at 512² and 768² (batch 1, `--steps` steps), each image in
+    a fresh process (`--e2e-reps` alternated processes each: median it/s, highest peak), and ours with --lowvram
+    at 512² (one process)."""
+
+    def summary(done: list[dict]) -> dict:
+        return {
+            "it_per_s": statistics.median(r["it_per_s"] for r in done),
+            "peak_mib": max(r["peak_mib"] for r in done),
         }
+
+    def args(impl: str, size: int, lowvram: bool) -> tuple:
+        return ("sampling", impl, str(path), str(size), str(opt.steps), str(int(lowvram)), device)
+
+    results = {}
+    for size in (512, 768):
+        runs = alternated_children(opt, f"sampling {size}", lambda impl, size=size: args(impl, size, False))
+        results.update({f"{impl}_{size}": summary(done) for impl, done in runs.items()})
+    results["ours_lowvram_512"] = summary([run_child(child_args(opt, *args("ours", 512, True)))])
     return results
 
 
@@ -558,12 +573,10 @@ def measure(opt: argparse.Namespace, path: Path) -> tuple[dict, dict]:
         print(impl, results["load_safetensors"][impl], flush=True)
     results["load_ckpt_ours"] = run_child(child_args(opt, "load", "ours", str(opt.workdir / "model.ckpt")))
     results["tensor_mib"] = tensor_bytes(path) / 2**20
-    runs = {"ours": [], "diffusers": []}
-    for rep in range(opt.e2e_reps):
-        for impl in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
-            runs[impl].append(run_child(child_args(opt, "unet", impl, str(path), "512", "2"))["step_s"])
-            print("unet_proc_512", impl, runs[impl][-1], flush=True)
-    results["unet_proc_512"] = {impl: statistics.median(steps) for impl, steps in runs.items()}
+    runs = alternated_children(opt, "unet_proc_512", lambda impl: ("unet", impl, str(path), "512", "2"))
+    results["unet_proc_512"] = {
+        impl: statistics.median(r["step_s"] for r in done) for impl, done in runs.items()
+    }
     # Our scripts remember the checkpoint's sha256 (PNG metadata) by size and mtime: runs after a checkpoint's
     # first skip hashing it, and those are the runs measured (the cache lives in --workdir, filled here).
     os.environ["LDM_HASH_CACHE"] = str(opt.workdir / "model-hashes.json")
@@ -572,14 +585,12 @@ def measure(opt: argparse.Namespace, path: Path) -> tuple[dict, dict]:
     cached_model_hash(path)
     for size, steps in ((256, 10), (512, 2)):
         key = f"e2e_{size}_{steps}"
-        runs = {"ours": [], "diffusers": []}
-        for rep in range(opt.e2e_reps):
-            for impl in ("ours", "diffusers") if rep % 2 == 0 else ("diffusers", "ours"):
-                out = opt.workdir / f"out-{impl}-{size}"
-                runs[impl].append(
-                    run_child(child_args(opt, "e2e", impl, str(path), str(size), str(steps), str(out)))
-                )
-                print(key, impl, runs[impl][-1], flush=True)
+
+        def e2e_args(impl: str, size: int = size, steps: int = steps) -> tuple:
+            out = opt.workdir / f"out-{impl}-{size}"
+            return ("e2e", impl, str(path), str(size), str(steps), str(out))
+
+        runs = alternated_children(opt, key, e2e_args)
         results[key] = {
             impl: {
                 "wall_s": statistics.median(r["wall_s"] for r in done),
