@@ -34,8 +34,9 @@ PRODUCTS = frozenset(
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 matrix products on this CPU (AVX512-BF16, AMX, or AVX512 emulation)."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether oneDNN runs bf16 matrix products on this CPU (AVX512-BF16, AMX, or AVX512 emulation; on Arm, its
+    bf16 extensions). Builds without oneDNN have only torch's own loops: False."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _is_bf16(value: object) -> bool:
