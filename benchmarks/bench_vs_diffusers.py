@@ -453,14 +453,8 @@ def sampling_table(results: dict) -> str:
     rows = ["| fp16, batch 1 | this project | diffusers | ratio |", "|---|---:|---:|---:|"]
     for size in (512, 768):
         ours, theirs = results[f"ours_{size}"], results[f"diffusers_{size}"]
-        rows.append(
-            f"| {size}²: it/s | {ours['it_per_s']:.2f} | {theirs['it_per_s']:.2f} "
-            f"| {ours['it_per_s'] / theirs['it_per_s']:.2f} |"
-        )
-        rows.append(
-            f"| {size}²: peak memory | {ours['peak_mib']:.0f} MiB | {theirs['peak_mib']:.0f} MiB "
-            f"| {ours['peak_mib'] / theirs['peak_mib']:.2f} |"
-        )
+        rows.append(ratio_row(f"{size}²: speed", ours["it_per_s"], theirs["it_per_s"], "it/s"))
+        rows.append(ratio_row(f"{size}²: peak memory", ours["peak_mib"], theirs["peak_mib"], "MiB"))
     low = results["ours_lowvram_512"]
     rows.append(
         f"| 512², `--lowvram`: it/s, peak memory | {low['it_per_s']:.2f}, {low['peak_mib']:.0f} MiB | | |"
@@ -486,15 +480,22 @@ def machine() -> str:
     )
 
 
+def ratio_row(
+    name: str, ours: float, theirs: float, unit: str, extra_ours: str = "", extra_theirs: str = ""
+) -> str:
+    """A table row: both values with their unit, and ours / theirs."""
+    fmt = ".0f" if unit == "MiB" else ".3g"
+    return (
+        f"| {name} | {ours:{fmt}} {unit}{extra_ours} | {theirs:{fmt}} {unit}{extra_theirs} "
+        f"| {ours / theirs:.2f} |"
+    )
+
+
 def table(results: dict, peaks: dict) -> str:
     rows = ["| measurement | this project | diffusers | ratio |", "|---|---:|---:|---:|"]
 
-    def row(name: str, ours: float, theirs: float, unit: str, extra_ours: str = "", extra_theirs: str = ""):
-        fmt = ".0f" if unit == "MiB" else ".3g"
-        rows.append(
-            f"| {name} | {ours:{fmt}} {unit}{extra_ours} | {theirs:{fmt}} {unit}{extra_theirs} "
-            f"| {ours / theirs:.2f} |"
-        )
+    def row(*args) -> None:
+        rows.append(ratio_row(*args))
 
     def of_peak(seconds: float, flops: int, peak: str = "fp32") -> str:
         rate = flops / seconds / 1e9
