@@ -604,6 +604,27 @@ def measure(opt: argparse.Namespace, path: Path) -> tuple[dict, dict]:
     return peaks, results
 
 
+def cpu_report(opt: argparse.Namespace, path: Path) -> str:
+    """Measure (or with --report reread results.json) and format the CPU tables."""
+    if opt.report:
+        saved = json.loads((opt.workdir / "results.json").read_text())
+        peaks, command, results = saved.pop("peaks"), saved.pop("command"), saved
+    else:
+        command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
+        peaks, results = measure(opt, path)
+        saved = {"peaks": peaks, "command": command, **results}
+        (opt.workdir / "results.json").write_text(json.dumps(saved, indent=2))
+    return (
+        f"Machine: {machine()}. GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s (4096² matmul), "
+        f"bf16 {peaks['bf16']:.2f} GFLOP/s (2048²).\n"
+        f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process, one run each for the "
+        f"512² UNet step; load once in a fresh process; txt2img: median wall time and highest peak RSS of "
+        f"{opt.e2e_reps} alternated fresh processes each).\n\n" + table(results, peaks) + "\n\n"
+        f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
+        f"512²: {results['unet_maxdiff_512']:.2e}.{bf16_note(results)}\n\n" + load_table(results)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -644,33 +665,14 @@ def main() -> None:
     path = opt.workdir / "model.safetensors"
     if opt.cuda:
         results = sampling_bench(opt, path)
+        print(json.dumps(results, indent=2))
         text = f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + sampling_table(results)
-        print(json.dumps(results, indent=2), text, sep="\n")
-        if opt.write:
-            with open(opt.write, "a", encoding="utf-8") as f:
-                f.write(text + "\n")
-        return
-    if opt.report:
-        saved = json.loads((opt.workdir / "results.json").read_text())
-        peaks, command, results = saved.pop("peaks"), saved.pop("command"), saved
     else:
-        command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
-        peaks, results = measure(opt, path)
-        saved = {"peaks": peaks, "command": command, **results}
-        (opt.workdir / "results.json").write_text(json.dumps(saved, indent=2))
-    text = (
-        f"Machine: {machine()}. GEMM peak: fp32 {peaks['fp32']:.0f} GFLOP/s (4096² matmul), "
-        f"bf16 {peaks['bf16']:.2f} GFLOP/s (2048²).\n"
-        f"Command: `{command}` (medians of {opt.reps} interleaved runs in one process, one run each for the "
-        f"512² UNet step; load once in a fresh process; txt2img: median wall time and highest peak RSS of "
-        f"{opt.e2e_reps} alternated fresh processes each).\n\n" + table(results, peaks) + "\n\n"
-        f"UNet max |ours - diffusers| on the same input: 256²: {results['unet_maxdiff_256']:.2e}, "
-        f"512²: {results['unet_maxdiff_512']:.2e}.{bf16_note(results)}\n\n" + load_table(results)
-    )
+        text = cpu_report(opt, path)
     print(text)
     if opt.write:
         with open(opt.write, "a", encoding="utf-8") as f:
-            f.write(text)
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":
