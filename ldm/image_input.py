@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldm.inference import UserError
+from ldm.errors import UserError
 
 DEFAULT_MAX_PIXELS = 2048 * 2048
 

@@ -12,20 +12,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ldm.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16
+from ldm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 INPAINTING_CONFIG = "configs/stable-diffusion/v1-inpainting-inference.yaml"
 SAMPLERS = ("ddim", "plms", "dpm")
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line, exit status `exit_code`, no traceback."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def run_cli(main: Callable[[], None]) -> None:
