@@ -15,6 +15,7 @@ class DDIMSampler(Sampler):
     """
 
     name = "DDIM"
+    uses_eta = True
 
     def _sample_loop(
         self, x: torch.Tensor, eps_fn: EpsFn, n_steps: int, options: RunOptions

@@ -6,7 +6,7 @@ The model a sampler drives needs `num_timesteps`, `alphas_cumprod`, `alphas_cump
 `q_sample(x_start, t, noise)`. Samplers keep their tensors on the device of `model.betas`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -99,12 +99,24 @@ def guided_eps_fn(
     return eps_fn
 
 
-def randn(shape: tuple, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard normal noise on `device`, drawn from `generator` (on the generator's own device, so a CPU
-    generator gives the same numbers everywhere) or else from torch's global RNG."""
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: tuple, device: torch.device, generator: Generators = None) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`.
+
+    `generator` is one generator (drawn on its own device, so a CPU generator gives the same numbers
+    everywhere), or one CPU generator per batch entry (entry i is the next draw of shape[1:] from
+    generator[i], so an image's noise does not depend on its batch), or None for torch's global RNG."""
     if generator is None:
         return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: pass one per batch entry")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]).to(
+        device
+    )
 
 
 class Steps(NamedTuple):
@@ -160,7 +172,7 @@ class RunOptions:
     quantize_denoised: bool = False
     temperature: float = 1.0
     noise_dropout: float = 0.0
-    generator: torch.Generator | None = None
+    generator: Generators = None
     verbose: bool = True
     desc: str = "Sampling"
 
@@ -175,6 +187,11 @@ class Sampler:
     """
 
     name = "Sampler"
+    # Capabilities, read by the scripts and the pipeline instead of the sampler's name:
+    supports_mask = True  # sample() takes mask/x0 (inpainting by blending known latents at every step)
+    uses_eta = False  # takes an eta > 0 (noise added at each step, drawn from the run's generator)
+    stochastic = False  # draws noise at every step whatever eta is (ancestral and SDE samplers)
+    integer_timesteps = True  # feeds the model integer DDPM timesteps only
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any) -> None:
         self.model = model
@@ -245,7 +262,7 @@ class Sampler:
         log_every_t: int = 100,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Cond = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Run S steps from x_T (or fresh noise from `generator`) to latents [batch_size, *shape].
@@ -300,7 +317,7 @@ class Sampler:
         t: torch.Tensor,
         use_original_steps: bool = False,
         noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> torch.Tensor:
         """x0 [B, C, H, W] noised to the level of schedule step index t [B] (DDPM timestep t with
         `use_original_steps`): sqrt(a) * x0 + sqrt(1 - a) * noise. Call make_schedule first."""
@@ -325,7 +342,7 @@ class Sampler:
         unconditional_conditioning: Cond = None,
         use_original_steps: bool = False,
         callback: Callable[[int], None] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         verbose: bool = True,
     ) -> torch.Tensor:
         """Run the last `t_start` steps of the schedule (from step index t_start - 1 down) on x_latent."""

@@ -22,6 +22,8 @@ class DPMSolverSampler(Sampler):
     """
 
     name = "DPM-Solver"
+    supports_mask = False
+    integer_timesteps = False
 
     def make_schedule(
         self,
