@@ -1,4 +1,4 @@
-"""What the CPU matrix-product path of `ldm.modules.diffusionmodules.util.Conv2d` gains over torch's own
+"""What the CPU matrix-product path of `ldm.runtime.fast_paths.MatmulConv2d` gains over torch's own
 (oneDNN) convolution: each convolution shape of the SD v1 UNet's low-resolution levels, then the whole UNet step.
 
     python benchmarks/bench_conv.py [--workdir /tmp/sdbench] [--reps 3] [--threads N]
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vs_diffusers import PROMPT, alternate, load_ours, machine, prepare  # noqa: E402
 
-from ldm.modules.diffusionmodules.util import Conv2d  # noqa: E402
+from ldm.runtime.fast_paths import MatmulConv2d  # noqa: E402
 
 # (input channels, output channels, feature map side): the UNet's 3x3 convolutions at 8x8 and 4x4 (256² images),
 # and some it leaves to torch: 16x16 (512² images) and narrower layers
@@ -25,15 +25,17 @@ SHAPES = [(1280, 1280, 8), (2560, 1280, 8), (1280, 1280, 4), (1280, 1280, 16), (
 
 def conv_row(c_in: int, c_out: int, side: int, reps: int) -> str:
     """One table row: a convolution of this shape through torch and through the matrix-product path."""
-    conv = Conv2d(c_in, c_out, 3, padding=1)
+    conv = MatmulConv2d(c_in, c_out, 3, padding=1)
     conv.MATMUL_MAX_PIXELS, conv.MATMUL_MIN_CHANNELS = (
         side * side,
         1,
     )  # the matrix-product path, whatever the shape
     x = torch.randn(2, c_in, side, side)
-    times = alternate({"torch": lambda: torch.nn.Conv2d.forward(conv, x), "matmul": lambda: conv(x)}, reps)
+    times = alternate(
+        {"torch": lambda: torch.nn.MatmulConv2d.forward(conv, x), "matmul": lambda: conv(x)}, reps
+    )
     gflop = 2 * 2 * side * side * c_in * c_out * 9 / 1e9
-    diff = (conv(x) - torch.nn.Conv2d.forward(conv, x)).abs().max().item()
+    diff = (conv(x) - torch.nn.MatmulConv2d.forward(conv, x)).abs().max().item()
     return (
         f"| 3x3 {c_in}->{c_out} at {side}x{side} | {gflop:.2f} | "
         f"{times['torch'] * 1e3:.0f} ms ({gflop / times['torch']:.0f} GFLOP/s) | "
@@ -47,14 +49,14 @@ def unet_row(model, size: int, reps: int) -> str:
     c = model.get_learned_conditioning(["", PROMPT])
     t = torch.full((2,), 500, dtype=torch.long)
     x = torch.randn(2, 4, size // 8, size // 8)
-    as_matmul = Conv2d._as_matmul
+    as_matmul = MatmulConv2d._as_matmul
 
     def step(matmul: bool) -> torch.Tensor:
-        Conv2d._as_matmul = as_matmul if matmul else lambda self, x: False
+        MatmulConv2d._as_matmul = as_matmul if matmul else lambda self, x: False
         try:
             return model.apply_model(x, t, c)
         finally:
-            Conv2d._as_matmul = as_matmul
+            MatmulConv2d._as_matmul = as_matmul
 
     times = alternate({"torch": lambda: step(False), "matmul": lambda: step(True)}, reps)
     diff = (step(True) - step(False)).abs().max().item()

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vs_diffusers import PROMPT, alternate, load_ours, machine, prepare  # noqa: E402
 
-from ldm.inference import precision_scope  # noqa: E402
-from ldm.memory import low_precision, set_attention_chunk  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.runtime import precision_scope  # noqa: E402
+from ldm.runtime.memory import low_precision, set_attention_chunk  # noqa: E402
 
 
 def main() -> None:

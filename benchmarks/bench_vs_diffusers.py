@@ -79,11 +79,16 @@ def tensor_bytes(path: Path) -> int:
 
 
 def load_ours(path: Path, device: str = "cpu"):
+    """Our model as the scripts run it: on the CPU with the runtime's fast paths applied."""
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import load_model_from_config
+    from ldm.runtime.fast_paths import apply_cpu_fast_paths
 
-    return load_model_from_config(OmegaConf.load(CONFIG), str(path), device=device, verbose=False)
+    model = load_model_from_config(OmegaConf.load(CONFIG), str(path), device=device, verbose=False)
+    if device == "cpu":
+        apply_cpu_fast_paths(model)
+    return model
 
 
 def load_diffusers(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
@@ -175,7 +180,7 @@ def child_e2e(impl: str, path: Path, size: int, steps: int, outdir: Path) -> Non
     """Everything a user waits for: imports, load, text, sampling, decode, PNG, and the process's exit. Ours runs
     as `python scripts/txt2img.py` does (through run_cli)."""
     if impl == "ours":
-        from ldm.inference import run_cli
+        from ldm.cli import run_cli
         from scripts.txt2img import main
 
         argv = [
@@ -199,7 +204,7 @@ def child_e2e(impl: str, path: Path, size: int, steps: int, outdir: Path) -> Non
 def child_unet(impl: str, path: Path, size: int, reps: int) -> None:
     """UNet steps (batch 2) in a fresh process set up as each implementation's txt2img sets it up: ours with
     `keep_freed_memory`, as its scripts do on the CPU. Median of `reps` steps after one warm-up."""
-    from ldm.memory import keep_freed_memory
+    from ldm.runtime.memory import keep_freed_memory
 
     torch.manual_seed(0)
     x, t, c = (
@@ -343,8 +348,8 @@ def bf16_step(ours, unet, c: torch.Tensor) -> dict:
     """UNet step 256² in bf16 as each implementation runs it (ours: `--precision autocast`, i.e. bf16 weights
     and `precision_scope`; diffusers: its UNet in bf16 under bf16 autocast), one cold run each (torch's own
     bf16 kernels take minutes on a CPU without bf16 units), and our bf16 eps against fp32."""
-    from ldm.inference import precision_scope
-    from ldm.memory import low_precision
+    from ldm.runtime import precision_scope
+    from ldm.runtime.memory import low_precision
 
     x, t = torch.randn(2, 4, 32, 32), torch.full((2,), 500, dtype=torch.long)
     plain = ours.apply_model(x, t, c)
@@ -375,9 +380,9 @@ def child_sampling(impl: str, path: Path, size: int, steps: int, lowvram: bool, 
     """Sampling speed and peak memory in a fresh process, as each implementation runs on a GPU (fp16; fp32 when
     `device` is the CPU, for a smoke test): two images, the first warming up cuDNN and the allocator; it/s between
     the first and the last sampling step of the second, and the peak memory of the whole process."""
-    from ldm.inference import precision_scope
-    from ldm.memory import enable_lowvram, half_precision
     from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.runtime import precision_scope
+    from ldm.runtime.memory import enable_lowvram, half_precision
 
     on_gpu = device != "cpu"
     marks: list[float] = []

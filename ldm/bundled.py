@@ -4,13 +4,14 @@
 ("a red circle on a white background", 64x64): it runs anywhere, offline, in seconds on a CPU.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from omegaconf import OmegaConf
-
-from ldm.checkpoint import read_state_dict, save_checkpoint
+if TYPE_CHECKING:  # the scripts resolve bundled names before importing torch
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 _NETWORKS = ("model.", "first_stage_model.", "cond_stage_model.")  # LatentDiffusion's three networks
@@ -94,15 +95,22 @@ def export_bundled(
     training_config: str | Path,
     training_ckpt: str | Path,
     out_dir: str | Path,
-    dtype: torch.dtype | None = torch.float16,
+    dtype: torch.dtype | str | None = "float16",
     first_stage_ckpt: str | Path | None = None,
 ) -> None:
     """Write `out_dir/config.yaml` and `out_dir/model.safetensors` from a LatentDiffusion training run:
     EMA weights, the measured `scale_factor` in the config, no EMA copies, no first-stage `ckpt_path`.
 
     `first_stage_ckpt`: an AutoencoderKL checkpoint whose weights replace the run's autoencoder, e.g. one
-    whose decoder was fine-tuned afterwards with `train_decoder_only` (the same latent space).
+    whose decoder was fine-tuned afterwards with `train_decoder_only` (the same latent space). `dtype` may be
+    named ("float16").
     """
+    import torch
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import read_state_dict, save_checkpoint
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     config = OmegaConf.load(training_config)
     state_dict, metadata = read_state_dict(training_ckpt)
     if first_stage_ckpt is not None:
@@ -137,6 +145,10 @@ def export_first_stage(
 ) -> None:
     """Write `out_dir/config.yaml` and `out_dir/model.safetensors` from an AutoencoderKL training run: the
     autoencoder's weights without its training loss (`loss.*`), and a config whose loss is torch.nn.Identity."""
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import read_state_dict, save_checkpoint
+
     config = OmegaConf.load(training_config)
     state_dict, metadata = read_state_dict(training_ckpt)
     config.model.params.lossconfig = {"target": "torch.nn.Identity"}

@@ -242,8 +242,8 @@ def model_hash(path: str | Path) -> str:
     """First 10 hex digits of the file's sha256 (the short hash A1111 writes into image metadata).
 
     Read in 16 MiB chunks: reads and hashing release the GIL, and so few chunks that a thread doing this rarely
-    waits to get the GIL back (with hashlib.file_digest's 256 KiB chunks, hashing 4 GB beside the model load took
-    9.3-9.8 s instead of 5.4-6.1 s)."""
+    waits to get the GIL back (hashlib.file_digest's small chunks were much slower beside the model load; see
+    BENCHMARKS.md)."""
     digest = hashlib.sha256()
     chunk = memoryview(bytearray(16 << 20))
     with open(path, "rb", buffering=0) as f:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config, save_checkpoint
+from ldm.errors import UserError
 from ldm.image_input import fit_size, image_to_tensor, load_image, load_mask
-from ldm.inference import UserError
 from ldm.outputs import read_parameters, to_pil
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config, save_checkpoint
-from ldm.inference import encode_image, inpainting_concat, is_inpainting_model, latent_keep_mask, masked_image
+from ldm.latents import encode_image, inpainting_concat, is_inpainting_model, latent_keep_mask, masked_image
 from ldm.outputs import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_masked_sampling_keeps_unmasked_pixels(tiny_ckpt, tmp_path, sampler):
     params = read_parameters(tmp_path / "out" / "samples" / "00001.png")
     assert params["inpainting"] == "masked sampling" and params["mask"] == str(mask.resolve())
     # the blend noise is drawn for the whole batch, so the re-make command re-makes the batch
-    assert params["remake_index"] == 1 and "--seed 42 --n_samples 2" in params["remake"]
+    assert params["batch_index"] == 1 and "--seed 42 --n_samples 2" in params["remake"]
 
 
 def test_inpainting_model_path(inpaint_ckpt, tmp_path):
@@ -112,7 +112,7 @@ def test_inpainting_model_path(inpaint_ckpt, tmp_path):
     check_result(first, init_img, repaint)
     assert np.array_equal(pixels(first), pixels(tmp_path / "b" / "samples" / "00000.png"))
     params = read_parameters(first)
-    assert params["inpainting"] == "model" and "remake_index" not in params
+    assert params["inpainting"] == "model" and "batch_index" not in params
 
 
 def test_inpainting_inputs(tiny_config, inpaint_config, inpaint_ckpt, tiny_ckpt):
@@ -175,3 +175,14 @@ def test_bad_input_is_one_clear_line(tiny_ckpt, tmp_path, args, message):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_inpainting_checkpoint_with_an_ordinary_config_names_the_config_to_use(inpaint_ckpt, tmp_path):
+    """Recognised from the checkpoint's UNet input shape (9 channels) against the config's (4), before loading."""
+    init_img, mask, _ = make_inputs(tmp_path, 64, 64)
+    args = ["--config", "tests/configs/tiny-ldm.yaml", "--ckpt", str(inpaint_ckpt), "--init-img", str(init_img),
+            "--mask", str(mask), "--outdir", str(tmp_path / "out"), "--device", "cpu", "--no-safety-checker"]  # fmt: skip
+    result = cli(*args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    expected = "this is an inpainting checkpoint (UNet input 9 channels, the config's 4): pass --config "
+    assert expected + "configs/stable-diffusion/v1-inpainting-inference.yaml" in result.stderr

@@ -1,7 +1,6 @@
 """Memory options give the plain result: tiled VAE decode/encode (close, no seams), chunked attention,
 lowvram and releasing memory-mapped pages (equal), and the script flags that turn them on."""
 
-import argparse
 import copy
 import mmap
 import sys
@@ -15,17 +14,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.checkpoint import load_model_from_config, read_state_dict, save_checkpoint
-from ldm.cli import apply_memory_options
-from ldm.memory import (
-    chunked_attention,
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.attention import attention
+from ldm.modules.tiling import tiled_map
+from ldm.runtime import RuntimeOptions, prepare
+from ldm.runtime.memory import (
     enable_lowvram,
     lowvram_units,
     release_idle_units,
     release_pages,
     set_attention_chunk,
-    tiled_map,
 )
-from ldm.models.diffusion.ddim import DDIMSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -97,7 +96,7 @@ def test_chunked_attention_equals_plain():
     q, k, v = torch.randn(2, 3, 50, 8), torch.randn(2, 3, 77, 8), torch.randn(2, 3, 77, 8)
     mask = torch.rand(2, 1, 1, 77) > 0.3
     plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(chunked_attention(q, k, v, 7, attn_mask=mask), plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(attention(q, k, v, 7, mask=mask), plain, rtol=0, atol=1e-6)
 
 
 def test_chunked_attention_in_the_model_equals_plain(tiny_ldm):
@@ -215,7 +214,7 @@ def test_release_idle_units_gives_the_plain_image_with_one_unit_resident(tiny_ld
 
 HEAP_PROBE = """
 import resource, sys, torch
-from ldm.memory import keep_freed_memory, trim_heap
+from ldm.runtime.memory import keep_freed_memory, trim_heap
 
 def rss_mib():
     return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
@@ -254,15 +253,10 @@ def test_keep_freed_memory_stops_page_faults_and_trim_heap_returns_the_memory():
     assert trimmed_mib >= 60
 
 
-def memory_flags(**kw) -> argparse.Namespace:
-    flags = dict(vae_tiling=False, attention_chunk=None, lowvram=False, compile=False, threads=None)
-    return argparse.Namespace(**{**flags, **kw})
-
-
-def test_apply_memory_options(tiny_ldm, capsys):
+def test_runtime_prepare_applies_the_memory_options(tiny_ldm, capsys):
     plain = ddim_image(tiny_ldm)
-    apply_memory_options(tiny_ldm, memory_flags(vae_tiling=True, attention_chunk=3, lowvram=True),
-                         torch.device("cpu"), "full")  # fmt: skip
+    options = RuntimeOptions(vae_tiling=True, attention_chunk=3, lowvram=True)
+    prepare(tiny_ldm, torch.device("cpu"), "full", options)
     assert "nothing to offload" in capsys.readouterr().out
     assert all(len(unit._forward_pre_hooks) == 1 for unit in lowvram_units(tiny_ldm))  # release_idle_units
     assert tiny_ldm.first_stage_model.tiling == (64, 16)
@@ -288,3 +282,9 @@ def test_txt2img_with_memory_flags_makes_the_same_image(tiny_config, tmp_path):
         np.asarray(Image.open(tmp_path / d / "samples" / "00000.png")).astype(int) for d in ("plain", "opts")
     ]
     assert np.abs(images[0] - images[1]).max() <= 1
+    # --vae-tiling changes pixels above one tile: it is recorded and re-made; the others change nothing
+    from ldm.outputs import read_parameters
+
+    params = read_parameters(tmp_path / "opts" / "samples" / "00000.png")
+    assert params["vae_tiling"] is True and "--vae-tiling" in params["remake"]
+    assert "--lowvram" not in params["remake"] and "--attention-chunk" not in params["remake"]

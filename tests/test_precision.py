@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import ldm.inference
-from ldm.bf16 import Bf16ProductsInFp32
-from ldm.inference import precision_scope
-from ldm.memory import low_precision
+import ldm.runtime
 from ldm.modules.diffusionmodules.util import GroupNorm32
+from ldm.runtime import precision_scope
+from ldm.runtime.bf16 import Bf16ProductsInFp32
+from ldm.runtime.memory import low_precision
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_channels_last_unet_equals_plain(tiny_ldm, inputs):
 
 class ProductLog(TorchDispatchMode):
     """Records the dtypes of the operands that reach any product kernel (matched by name, independently of
-    ldm.bf16's list)."""
+    ldm.runtime.bf16.s list)."""
 
     NAMES = ("mm", "linear", "matmul", "einsum", "conv", "attention")
 
@@ -135,7 +135,7 @@ def test_bf16_products_in_fp32_are_rounded_fp32_products(inference):
 def test_cpu_bf16_scope_runs_products_in_fp32_without_bf16_units(tiny_ldm, inputs, monkeypatch, fast_bf16):
     """precision_scope("autocast") on the CPU: bf16 products reach the kernels as fp32 only where the CPU lacks
     bf16 units, and the eps is the same bf16 computation either way."""
-    monkeypatch.setattr(ldm.inference, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(ldm.runtime, "cpu_has_fast_bf16", lambda: fast_bf16)
     low_precision(tiny_ldm, torch.bfloat16)
     x, t, c = inputs
     log = ProductLog()

@@ -366,7 +366,7 @@ def test_decode_from_the_start_is_sample(model, sampler_cls):
     x0, noise = inputs(seed=2)[0], inputs(seed=3)[0]
     t_enc = 5
     z = sampler.stochastic_encode(x0, torch.full((2,), t_enc), noise=noise)
-    a = sampler.ddim_alphas[t_enc]
+    a = sampler.level_alphas()[t_enc]
     torch.testing.assert_close(z, a.sqrt() * x0 + (1 - a).sqrt() * noise)
     out = sampler.decode(z, c, t_enc, verbose=False, **guidance)
     assert out.shape == x0.shape and torch.isfinite(out).all()
@@ -381,8 +381,8 @@ def test_dpm_solver_encode_level_is_its_time_point(model):
     sampler = DPMSolverSampler(model)
     sampler.make_schedule(10, verbose=False)
     ac = model.alphas_cumprod
-    assert sampler.ddim_alphas[0].item() == pytest.approx(ac[0].item(), rel=1e-6)
-    assert sampler.ddim_alphas[10].item() == pytest.approx(ac[999].item(), rel=1e-5)
+    assert sampler.level_alphas()[0].item() == pytest.approx(ac[0].item(), rel=1e-6)
+    assert sampler.level_alphas()[10].item() == pytest.approx(ac[999].item(), rel=1e-5)
     assert sampler.dpm_timesteps[0].item() == 0.0 and sampler.dpm_timesteps[10].item() == 999.0
 
 
@@ -469,3 +469,21 @@ def test_samplers_drive_the_tiny_latent_diffusion(tiny_ldm, sampler_cls):
     assert torch.isfinite(intermediates["pred_x0"][-1]).all()
     if masking:
         assert (samples - x0)[mask.expand_as(x0).bool()].abs().mean() < 0.1
+
+
+def test_sample_refuses_unknown_keywords(model):
+    """The original dropped unknown keywords silently (a misspelt `unconditional_guidance_scal` did nothing)."""
+    with pytest.raises(TypeError, match="unconditional_guidance_scal"):
+        DDIMSampler(model).sample(2, 1, SHAPE, unconditional_guidance_scal=5.0, verbose=False)
+
+
+def test_registry_names_aliases_and_capabilities():
+    from ldm.models.diffusion.registry import SAMPLERS, canonical_name, sampler_class
+
+    assert {"ddim", "plms", "dpm"} <= set(SAMPLERS)
+    assert canonical_name(" DDIM ") == "ddim" and canonical_name("dpm-solver") == "dpm"
+    assert sampler_class("ddim") is DDIMSampler and sampler_class("PLMS") is PLMSSampler
+    assert DDIMSampler.uses_eta and not PLMSSampler.uses_eta and not DPMSolverSampler.supports_mask
+    assert not DPMSolverSampler.integer_timesteps and PLMSSampler.supports_mask
+    with pytest.raises(ValueError, match="unknown sampler 'euler-z'"):
+        canonical_name("euler-z")

@@ -175,7 +175,8 @@ def test_bundled_model_by_name_uses_its_config_size_and_scale(tmp_path):
 
 
 def test_run_cli_reports_user_errors_and_freezes_the_collector_after_a_run(capsys):
-    from ldm.inference import UserError, run_cli
+    from ldm.cli import run_cli
+    from ldm.errors import UserError
 
     def fail():
         raise UserError("--H 100 is not a multiple of 64", exit_code=3)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock, UNetModel
-from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, checkpoint, timestep_embedding
+from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, timestep_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
@@ -395,45 +395,3 @@ def test_codebook_head():
     with torch.no_grad():
         out = unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), context=torch.randn(1, 3, 8))
     assert out.shape == (1, 17, 8, 8)
-
-
-@pytest.mark.parametrize(
-    "kernel, stride, padding, size, bias, channels_last",
-    [
-        (3, 1, 1, 8, True, False),  # 3x3 on <= 64 pixels: im2col + one matrix product
-        (3, 1, 1, 4, False, True),
-        (3, 1, 1, 16, True, False),  # larger maps, strides, 1x1: torch's own convolution
-        (3, 2, 1, 8, True, False),
-        (1, 1, 0, 8, True, True),
-    ],
-)
-def test_conv2d_matmul_path_equals_torch_conv(kernel, stride, padding, size, bias, channels_last):
-    torch.manual_seed(0)
-    conv = Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
-    reference = torch.nn.Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
-    reference.load_state_dict(conv.state_dict())
-    assert list(conv.state_dict()) == list(reference.state_dict())
-    conv.MATMUL_MIN_CHANNELS = 16  # the path is for wide layers; test it on a narrow one
-    x = torch.randn(2, 24, size, size)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-        conv.to(memory_format=torch.channels_last)
-    small = size * size <= Conv2d.MATMUL_MAX_PIXELS
-    assert conv._as_matmul(x) == (kernel == 3 and stride == 1 and small)
-    x_ref = x.detach().clone().requires_grad_()
-    x.requires_grad_()
-    out, expected = conv(x), reference(x_ref)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
-    assert out.is_contiguous() or not conv._as_matmul(x)  # the matmul path returns plain NCHW
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)
-
-
-def test_conv2d_matmul_path_only_for_wide_small_maps():
-    small_map = torch.empty(2, 1280, 8, 8)
-    assert Conv2d(1280, 1280, 3, padding=1)._as_matmul(small_map)  # the SD UNet's 8x8 level
-    assert not Conv2d(64, 64, 3, padding=1)._as_matmul(small_map[:, :64])  # narrow: oneDNN is as fast
-    assert not Conv2d(1280, 1280, 3, padding=1)._as_matmul(torch.empty(2, 1280, 16, 16))
-    assert not Conv2d(1280, 1280, 3, padding=1)._as_matmul(small_map.to("meta"))  # CPU only

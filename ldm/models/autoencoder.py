@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.memory import tiled_map
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.tiling import tiled_map
 from ldm.util import instantiate_from_config
 
 
@@ -89,7 +89,7 @@ class AutoencoderKL(pl.LightningModule):
 
     def enable_tiling(self, tile: int | None = 64, overlap: int = 16) -> None:
         """Decode latents in tile x tile windows overlapping by `overlap` (latent pixels) and encode images in
-        windows f times that, blending the overlaps (ldm.memory.tiled_map); None turns tiling off."""
+        windows f times that, blending the overlaps (ldm.modules.tiling.tiled_map); None turns tiling off."""
         self.tiling = None if tile is None else (tile, overlap)
 
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:

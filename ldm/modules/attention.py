@@ -4,9 +4,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.memory import chunked_attention
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
 from ldm.util import default
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk: int | None = None,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v for q [..., N, d] over k, v [..., M, d] -> [..., N, d]; every attention of the
+    model (UNet cross- and self-attention, the VAE's mid-block attention) runs through here.
+
+    `mask` (bool, broadcastable to [..., N, M]) marks the keys to attend to; `scale` defaults to d**-0.5.
+    With `chunk`, `chunk` queries at a time: the same result (each query attends independently) with an
+    attention matrix of at most chunk x M entries."""
+    if chunk is None or q.shape[-2] <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    parts = q.split(chunk, dim=-2)
+    return torch.cat(
+        [F.scaled_dot_product_attention(p, k, v, attn_mask=mask, scale=scale) for p in parts], dim=-2
+    )
 
 
 class GEGLU(nn.Module):
@@ -52,7 +73,7 @@ class CrossAttention(nn.Module):
         context_dim = default(context_dim, query_dim)
         self.scale = dim_head**-0.5
         self.heads = heads
-        self.chunk: int | None = None  # queries per attention call (ldm.memory.set_attention_chunk)
+        self.chunk: int | None = None  # queries per attention call (see `attention`)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -69,7 +90,7 @@ class CrossAttention(nn.Module):
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         if mask is not None:
             mask = mask.reshape(b, 1, 1, -1)
-        out = chunked_attention(q, k, v, self.chunk, attn_mask=mask, scale=self.scale)
+        out = attention(q, k, v, self.chunk, mask=mask, scale=self.scale)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

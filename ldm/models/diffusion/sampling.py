@@ -263,12 +263,12 @@ class Sampler:
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Cond = None,
         generator: Generators = None,
-        **kwargs: Any,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Run S steps from x_T (or fresh noise from `generator`) to latents [batch_size, *shape].
 
         Returns (samples, {"x_inter": [...], "pred_x0": [...]}) logged every `log_every_t` steps.
-        `normals_sequence` and unknown keywords are accepted and ignored, as in the original.
+        `normals_sequence` is accepted and ignored, as in the original; an unknown keyword is a TypeError (the
+        original dropped it silently).
         """
         size = (batch_size, *shape)
         check_conditioning(conditioning, batch_size)
@@ -311,6 +311,11 @@ class Sampler:
         return len(self.ddim_timesteps)
 
     @torch.no_grad()
+    def level_alphas(self) -> torch.Tensor:
+        """Alpha-bar [S or S + 1] of each index of the current schedule: the noise levels `stochastic_encode`
+        noises to and `decode` starts from (DDIM-type samplers: the alpha-bar of each step)."""
+        return self.ddim_alphas
+
     def stochastic_encode(
         self,
         x0: torch.Tensor,
@@ -324,7 +329,7 @@ class Sampler:
         if use_original_steps:
             alphas = torch.from_numpy(self._alphas_cumprod().astype(np.float32)).to(self.device)
         else:
-            alphas = self.ddim_alphas
+            alphas = self.level_alphas()
         if noise is None:
             noise = randn(tuple(x0.shape), x0.device, generator)
         return (

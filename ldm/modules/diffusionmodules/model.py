@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.memory import chunked_attention
+from ldm.modules.attention import attention
 from ldm.modules.diffusionmodules.util import GroupNorm32
 
 
@@ -105,7 +105,7 @@ class AttnBlock(nn.Module):
     def __init__(self, in_channels: int):
         super().__init__()
         self.in_channels = in_channels
-        self.chunk: int | None = None  # queries per attention call (ldm.memory.set_attention_chunk)
+        self.chunk: int | None = None  # queries per attention call (see ldm.modules.attention.attention)
         self.norm = Normalize(in_channels)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1, stride=1, padding=0)
@@ -117,7 +117,7 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         q, k, v = (F.linear(tokens, conv.weight.flatten(1), conv.bias) for conv in (self.q, self.k, self.v))
-        h = chunked_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), self.chunk).squeeze(1)
+        h = attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), self.chunk).squeeze(1)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # [B, HW, C]
         return x + h.transpose(1, 2).reshape(b, c, height, width)
 
@@ -240,13 +240,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f], f = 2**(len(ch_mult)-1).
-
-    On the CPU, from the upsampling that makes maps of at least `CHANNELS_LAST_PIXELS` pixels on, the layers run
-    in channels_last, where oneDNN's convolutions are faster on these few-channel, large maps (512² decode
-    20.25 -> 19.27 s, no change at 256², see BENCHMARKS.md); the output is contiguous NCHW either way."""
-
-    CHANNELS_LAST_PIXELS = 256 * 256
+    """Latent [B, z_channels, h, w] -> image [B, out_ch, h*f, w*f], f = 2**(len(ch_mult)-1)."""
 
     def __init__(
         self,
@@ -324,7 +318,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Latents z [B, z_channels, h, w] -> images [B, out_ch, h*f, w*f] in z's dtype (the layers may hold
-        another dtype, see ldm.memory.low_precision)."""
+        another dtype, see ldm.runtime.memory.low_precision)."""
         h = self.conv_in(z.to(self.conv_in.weight.dtype))
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
@@ -334,11 +328,9 @@ class Decoder(nn.Module):
                 if len(up.attn) > 0:
                     h = up.attn[i_block](h)
             if i_level != 0:
-                if h.device.type == "cpu" and 4 * h.shape[-2] * h.shape[-1] >= self.CHANNELS_LAST_PIXELS:
-                    h = h.contiguous(memory_format=torch.channels_last)
                 h = up.upsample(h)
 
         if self.give_pre_end:
-            return h.contiguous()
+            return h
         h = self.conv_out(nonlinearity(self.norm_out(h))).to(z.dtype)
-        return (torch.tanh(h) if self.tanh_out else h).contiguous()
+        return torch.tanh(h) if self.tanh_out else h

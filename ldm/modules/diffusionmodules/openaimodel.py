@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import SpatialTransformer, attention
 from ldm.modules.diffusionmodules.util import (
     GroupNorm32,
     avg_pool_nd,
@@ -179,13 +179,14 @@ class QKVAttentionLegacy(nn.Module):
     def __init__(self, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
+        self.chunk: int | None = None  # queries per attention call (see ldm.modules.attention.attention)
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         q, k, v = (
             qkv.reshape(bs, self.n_heads, width // self.n_heads, length).transpose(2, 3).chunk(3, dim=-1)
         )
-        return F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(bs, -1, length)
+        return attention(q, k, v, self.chunk).transpose(2, 3).reshape(bs, -1, length)
 
 
 class QKVAttention(nn.Module):
@@ -194,13 +195,14 @@ class QKVAttention(nn.Module):
     def __init__(self, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
+        self.chunk: int | None = None  # queries per attention call (see ldm.modules.attention.attention)
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         q, k, v = (
             qkv.reshape(bs, 3, self.n_heads, width // (3 * self.n_heads), length).transpose(3, 4).unbind(1)
         )
-        return F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(bs, -1, length)
+        return attention(q, k, v, self.chunk).transpose(2, 3).reshape(bs, -1, length)
 
 
 class AttentionBlock(nn.Module):

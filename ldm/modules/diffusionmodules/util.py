@@ -159,41 +159,12 @@ def normalization(channels: int) -> nn.Module:
     return GroupNorm32(32, channels)
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and state_dict) that on the CPU runs wide 3x3 convolutions on small feature
-    maps as one matrix product over im2col columns: at least `MATMUL_MIN_CHANNELS` input channels and at most
-    `MATMUL_MAX_PIXELS` pixels, i.e. the SD UNet's 1280-channel 8x8 and 4x4 levels, where oneDNN reaches 11-35
-    GFLOP/s and the matrix product 28-56 (see BENCHMARKS.md). The whole batch is one matrix product (its pixels
-    side by side): 10-20% faster than one per image on these narrow maps. The output is contiguous NCHW."""
-
-    MATMUL_MAX_PIXELS = 64
-    MATMUL_MIN_CHANNELS = 1024
-
-    def _as_matmul(self, x: torch.Tensor) -> bool:
-        if self.in_channels < self.MATMUL_MIN_CHANNELS or x.shape[-2] * x.shape[-1] > self.MATMUL_MAX_PIXELS:
-            return False
-        plain = self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-        shape = self.kernel_size == (3, 3) and self.padding == (1, 1) and self.padding_mode == "zeros"
-        return plain and shape and x.ndim == 4 and x.device.type == "cpu"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C_in, H, W] -> [B, C_out, H, W]."""
-        if not self._as_matmul(x):
-            return super().forward(x)
-        b, _, h, w = x.shape
-        columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
-        columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H * W]: one product
-        weight = self.weight.reshape(self.out_channels, -1)
-        out = weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], weight, columns)
-        return out.view(self.out_channels, b, h, w).transpose(0, 1).contiguous()
-
-
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     """A 1D, 2D or 3D convolution."""
     if dims == 1:
         return nn.Conv1d(*args, **kwargs)
     if dims == 2:
-        return Conv2d(*args, **kwargs)
+        return nn.Conv2d(*args, **kwargs)
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
     raise ValueError(f"unsupported dimensions: {dims}")

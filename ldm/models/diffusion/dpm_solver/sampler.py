@@ -57,10 +57,12 @@ class DPMSolverSampler(Sampler):
         self.dpm_ratios = dev(sigma[:-1] / sigma[1:])  # [S]: the weight of x in each step
         self.dpm_phis = dev(alpha[:-1] * np.expm1(-h))  # [S]: minus the weight of the x0 estimate
         self.dpm_half_inv_r = dev(0.5 / r)  # [S]: the weight of the x0 difference in 2nd-order steps
-        self.ddim_alphas = dev(alpha**2)  # [S + 1]: alpha-bar of each time point, for stochastic_encode
-        self.ddim_sqrt_one_minus_alphas = self.dpm_sigmas
+        self.dpm_alphas_cumprod = dev(alpha**2)  # [S + 1]: alpha-bar of each time point
         if verbose:
             print(f"Selected timesteps for DPM-Solver: {self.dpm_timesteps.flip(0).cpu().numpy()}")
+
+    def level_alphas(self) -> torch.Tensor:
+        return self.dpm_alphas_cumprod
 
     @property
     def num_steps(self) -> int:
@@ -73,7 +75,7 @@ class DPMSolverSampler(Sampler):
             raise ValueError("DPMSolverSampler supports neither mask/x0, quantize_x0 nor use_original_steps")
 
         def predict_x0(x: torch.Tensor, k: int) -> torch.Tensor:
-            eps = eps_fn(x, self.dpm_timesteps[k], self.ddim_alphas[k])
+            eps = eps_fn(x, self.dpm_timesteps[k], self.dpm_alphas_cumprod[k])
             return (x - self.dpm_sigmas[k] * eps) / self.dpm_alphas[k]
 
         intermediates = {"x_inter": [x], "pred_x0": [x]}

@@ -1,9 +1,8 @@
 """bf16 matrix products on CPUs without bf16 units.
 
 torch runs CPU bf16 matrix products and convolutions through oneDNN where the processor has bf16 instructions
-(AVX512-BF16, AMX) or AVX512 to emulate them. On an AVX2-only processor it falls back to plain loops, 100-400x
-slower than fp32 (bf16 GEMM 0.27 GFLOP/s against 124 on a 2-core EPYC), which made `--precision autocast` there
-unusable. `Bf16ProductsInFp32` computes those products in fp32 from the bf16 operands and rounds the result to
+(AVX512-BF16, AMX) or AVX512 to emulate them. On an AVX2-only processor it falls back to plain loops, orders of
+magnitude slower than fp32 (BENCHMARKS.md), which made `--precision autocast` there unusable. `Bf16ProductsInFp32` computes those products in fp32 from the bf16 operands and rounds the result to
 bf16: bf16 products with fp32 accumulation, which is what bf16 units compute, at fp32 speed. Everything else
 (elementwise ops, norms, softmax outside attention) runs in bf16 as before."""
 
@@ -47,8 +46,8 @@ class Bf16ProductsInFp32(TorchDispatchMode):
     """While active, matrix products, convolutions and attention with bf16 operands run in fp32 and return
     bf16 (attention's fp32 log-sum-exp, where it returns one, stays fp32 as with the bf16 kernel).
 
-    The operands are widened into one reused fp32 buffer: widening a 1280x1280x3x3 weight into fresh memory
-    takes 27-40 ms (page faults), into warm memory 5 ms."""
+    The operands are widened into one reused fp32 buffer: widening into fresh memory would page-fault it in at
+    every product."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,5 +1,5 @@
-"""Memory and precision options for inference: tiled VAE decode/encode, chunked attention, keeping only the
-module in use on the accelerator (lowvram) or resident in RAM (memory-mapped weights on the CPU), and
+"""Memory mechanisms the runtime applies to a built model: chunked attention, keeping only the module in use on
+the accelerator (lowvram) or resident in RAM (memory-mapped weights on the CPU), malloc tuning, and
 low-precision weights (fp16 on CUDA, bf16 on the CPU)."""
 
 import bisect
@@ -12,84 +12,20 @@ from itertools import chain
 import torch
 from torch import nn
 
-
-def _starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along one side: stride tile - overlap, the last tile flush with the far edge."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, tile - overlap))
-    return [*starts, size - tile]
-
-
-def _ramp(length: int, blend: int, lead: bool, trail: bool) -> torch.Tensor:
-    """Blend weights [length] of one tile along one side: rising over the first `blend` entries when the tile
-    has a neighbour before it, falling over the last `blend` when it has one after it, else 1."""
-    w = torch.ones(length)
-    edge = (torch.arange(blend) + 0.5) / blend
-    if lead:
-        w[:blend] = edge
-    if trail:
-        w[length - blend :] = torch.minimum(w[length - blend :], edge.flip(0))
-    return w
-
-
-def tiled_map(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int
-) -> torch.Tensor:
-    """fn(x) computed on overlapping tile x tile windows of x [B, C, H, W] and blended linearly across the
-    overlaps, for a translation-equivariant `fn` that scales the spatial size by a fixed factor
-    (8 for the SD VAE decoder, 1/8 for its encoder). Peak memory is that of one tile.
-
-    Convolutions see the same context as untiled only `overlap / 2` pixels in from a tile's edge, and the
-    VAE's GroupNorm and mid-block attention see one tile instead of the whole image, so the result differs
-    slightly from fn(x); the linear blending hides the tile borders."""
-    if not 0 <= overlap < tile:
-        raise ValueError(f"overlap must be in [0, tile), got tile {tile}, overlap {overlap}")
-    height, width = x.shape[-2:]
-    if height <= tile and width <= tile:
-        return fn(x)
-    rows, cols = _starts(height, tile, overlap), _starts(width, tile, overlap)
-    out = weight = None
-    for top in rows:
-        for left in cols:
-            y = fn(x[..., top : top + tile, left : left + tile])
-            if out is None:
-                scale = y.shape[-1] / min(tile, width)
-                out = y.new_zeros(*y.shape[:-2], round(height * scale), round(width * scale))
-                weight = y.new_zeros(round(height * scale), round(width * scale))
-            h, w = y.shape[-2:]
-            blend = max(1, round(overlap * scale))
-            wy = _ramp(h, min(blend, h), top > 0, top + tile < height)
-            wx = _ramp(w, min(blend, w), left > 0, left + tile < width)
-            mask = (wy[:, None] * wx[None, :]).to(y)
-            t, l = round(top * scale), round(left * scale)
-            out[..., t : t + h, l : l + w] += y * mask
-            weight[t : t + h, l : l + w] += mask
-    return out / weight
+from ldm.modules.attention import CrossAttention
+from ldm.modules.diffusionmodules.model import AttnBlock
+from ldm.modules.diffusionmodules.openaimodel import QKVAttention, QKVAttentionLegacy
 
 
 def set_attention_chunk(model: nn.Module, chunk: int | None) -> None:
-    """Compute every attention of `model` (UNet cross-attention, VAE mid-block attention) `chunk` queries at a
-    time, so the attention matrix never holds more than chunk x keys entries; None computes it whole.
+    """Compute every attention of `model` (UNet cross- and self-attention, VAE mid-block attention) `chunk`
+    queries at a time, so the attention matrix never holds more than chunk x keys entries; None computes it whole.
     The result is the same: each query attends independently."""
     if chunk is not None and chunk < 1:
         raise ValueError(f"attention chunk must be a positive number of queries, got {chunk}")
-    from ldm.modules.attention import CrossAttention
-    from ldm.modules.diffusionmodules.model import AttnBlock
-
     for module in model.modules():
-        if isinstance(module, CrossAttention | AttnBlock):
+        if isinstance(module, CrossAttention | AttnBlock | QKVAttention | QKVAttentionLegacy):
             module.chunk = chunk
-
-
-def chunked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int | None, **kwargs
-) -> torch.Tensor:
-    """scaled_dot_product_attention of q [..., N, d] over k, v [..., M, d], `chunk` queries at a time."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if chunk is None or q.shape[-2] <= chunk:
-        return sdpa(q, k, v, **kwargs)
-    return torch.cat([sdpa(part, k, v, **kwargs) for part in q.split(chunk, dim=-2)], dim=-2)
 
 
 def lowvram_units(model: nn.Module) -> list[nn.Module]:
@@ -151,10 +87,9 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks for reuse instead of returning them to the OS (Linux/glibc;
     elsewhere a no-op returning False).
 
-    glibc serves every block over 32 MB with its own mmap and unmaps it when freed, so each large activation
-    (a 512² UNet step has many of 40-80 MB) is page-faulted in afresh at every step: about 0.6 M page faults
-    per step, 15% of its time on 2 cores (BENCHMARKS.md). With this, they come from the heap, which keeps
-    what is freed; peak RSS grows by the heap's spare room (~80 MB at 512²)."""
+    glibc serves every block over 32 MB with its own mmap and unmaps it when freed, so each large activation of a
+    UNet step is page-faulted in afresh at every step (BENCHMARKS.md has the cost). With this, they come from the
+    heap, which keeps what is freed; peak RSS grows by the heap's spare room."""
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False

@@ -1,0 +1,326 @@
+"""Generation, shared by the scripts, the server and Python users: a `Session` (model, sampler, safety checker,
+watermark) opened from the options, the loop that renders batches of prompts and writes numbered PNGs with
+their metadata, and the three ways to render a batch (txt2img, img2img, inpaint).
+
+`opt` is any object with the scripts' option names as attributes (an argparse.Namespace from ldm.cli, or a
+SimpleNamespace): prompt, negative_prompt, outdir, skip_grid, skip_save, ddim_steps, sampler, fixed_code,
+ddim_eta, n_iter, n_samples, n_rows, scale, config, ckpt, seed, precision, device, safety_checker,
+no_safety_checker, C, f and the runtime options (vae_tiling, attention_chunk, lowvram, threads, compile).
+"""
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm, trange
+
+from ldm.errors import UserError
+from ldm.latents import (
+    draw_noise,
+    encode_image,
+    initial_noise,
+    inpainting_concat,
+    is_inpainting_model,
+    latent_keep_mask,
+    masked_image,
+    noised_latents,
+    seed_generators,
+    strength_steps,
+)
+from ldm.loading import check_checkpoint, check_model_kind, load_model
+from ldm.models.diffusion.registry import make_sampler
+from ldm.outputs import NumberedFolder, Watermarker, make_image_grid, to_pil
+from ldm.runtime import (
+    RuntimeOptions,
+    load_device,
+    precision_scope,
+    prepare,
+    resolve_precision,
+    select_device,
+)
+
+
+@dataclass
+class Session:
+    """A loaded model with everything a run around it needs."""
+
+    opt: Any
+    device: torch.device
+    precision: str
+    model: Any
+    sampler: Any
+    model_hash: str
+    safety_checker: Callable[[list[Image.Image]], list[Image.Image]] | None
+    watermark: Watermarker
+
+    def scope(self) -> contextlib.ExitStack:
+        """No gradients, the run's precision, and the EMA weights if the model has them."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(precision_scope(self.precision, self.device))
+        stack.enter_context(self.model.ema_scope())
+        return stack
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """[C, H/f, W/f] of the options' --H/--W."""
+        return (self.opt.C, self.opt.H // self.opt.f, self.opt.W // self.opt.f)
+
+
+def runtime_options(opt: Any) -> RuntimeOptions:
+    return RuntimeOptions(
+        vae_tiling=opt.vae_tiling,
+        attention_chunk=opt.attention_chunk,
+        lowvram=opt.lowvram,
+        threads=opt.threads,
+        compile=opt.compile,
+    )
+
+
+def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Session:
+    """Check the model kind, checkpoint and device, then load the model, sampler and safety checker; sets
+    `opt.precision` to the precision chosen for the device.
+
+    Models whose UNet also takes an image (conditioning_key concat or hybrid, e.g. inpainting models) need a
+    script that gives it one: `image_conditioning` says this one does."""
+    check_model_kind(config, opt.config, image_conditioning)
+    ckpt = check_checkpoint(opt.ckpt)
+    device = select_device(opt.device)
+    opt.precision = resolve_precision(opt.precision, device)
+    options = runtime_options(opt)
+
+    from ldm.checkpoint import model_hash_in_background
+    from ldm.safety import load_safety_checker
+
+    ckpt_hash = model_hash_in_background(ckpt)
+    model = load_model(config, ckpt, load_device(device, options))
+    prepare(model, device, opt.precision, options)
+    return Session(
+        opt=opt,
+        device=device,
+        precision=opt.precision,
+        model=model,
+        sampler=make_sampler(opt.sampler, model),
+        safety_checker=None if opt.no_safety_checker else load_safety_checker(opt.safety_checker, device),
+        watermark=Watermarker(),
+        model_hash=ckpt_hash.result(),  # after everything else that loads
+    )
+
+
+@dataclass
+class Batch:
+    """One sampler call: its prompts, the images' seeds, and the conditionings c and uc (None without guidance)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    c: Any
+    uc: Any
+    generator: (
+        torch.Generator
+    )  # for draws that span the batch (eta > 0 noise, mask blending): seeded by seeds[0]
+    callback: Callable[[int], None]  # the samplers' per-step callback: advances the steps progress bar
+
+
+@dataclass
+class Record:
+    """What the PNGs record: `parameters` shared by every image of the run, and `remake(prompt, seed,
+    n_samples)`, the command that re-makes an image (n_samples 1) or its batch."""
+
+    parameters: dict
+    remake: Callable[[str, int, int], str]
+
+
+Render = Callable[[Batch], list[Image.Image]]
+
+
+def report_step_times(batches: list[list[float]]) -> None:
+    """Print the first sampler step's time (it includes torch.compile's compiling under --compile) and the
+    median of the others; each batch's list holds its start time, then the time each step ended."""
+    first = batches[0][1] - batches[0][0] if batches and len(batches[0]) > 1 else None
+    rest = sorted(b - a for times in batches for a, b in zip(times[1:], times[2:], strict=False))
+    if first is not None and rest:
+        print(f"Sampler steps: first {first:.2f} s, then {rest[len(rest) // 2]:.2f} s per step (median)")
+
+
+def generate(
+    session: Session,
+    batches: list[list[str]],
+    render: Render,
+    steps: int,
+    record: Record,
+    finish: Callable[[Image.Image], Image.Image] | None = None,
+    batch_dependent: bool = False,
+) -> None:
+    """Run `render` on every batch of prompts --n_iter times and write the results; call it inside
+    `session.scope()`.
+
+    Image k of a run gets seed --seed + k (with --fixed_code, batch position k gets --seed + k every time).
+    `render` returns a batch's images (before the safety checker and the watermark); `steps` is how many
+    sampler steps it reports through its callback; `finish` runs on each watermarked image (inpainting pastes
+    the kept pixels back there). `batch_dependent` says an image depends on its batch (noise drawn for the
+    whole batch), so the re-make command re-makes the batch.
+    """
+    opt, model = session.opt, session.model
+    samples_folder = NumberedFolder(Path(opt.outdir) / "samples")
+    grid_folder = NumberedFolder(Path(opt.outdir), prefix="grid-", digits=4)
+    shared = {**record.parameters, "sampler": opt.sampler, "model_hash": session.model_hash}
+    images, written, first_remake, image_index, uc_cache = [], 0, None, 0, {}
+    step_times = []
+    start = time.perf_counter()
+    for _ in trange(opt.n_iter, desc="Sampling"):
+        for prompts in tqdm(batches, desc="data"):
+            n = len(prompts)
+            first_seed = opt.seed if opt.fixed_code else opt.seed + image_index
+            seeds = list(range(first_seed, first_seed + n))
+            image_index += n
+            if opt.scale != 1.0 and n not in uc_cache:
+                uc_cache[n] = model.get_learned_conditioning(n * [opt.negative_prompt])
+            c = model.get_learned_conditioning(prompts)
+            with tqdm(total=steps, desc=f"{opt.sampler} steps", leave=False) as bar:
+                batch = Batch(
+                    prompts,
+                    seeds,
+                    c,
+                    uc_cache.get(n),
+                    torch.Generator().manual_seed(seeds[0]),
+                    lambda _: (bar.update(), step_times[-1].append(time.perf_counter())),
+                )
+                step_times.append([time.perf_counter()])
+                batch_images = render(batch)
+            if session.safety_checker is not None:
+                batch_images = session.safety_checker(batch_images)
+            for k, (image, prompt, seed) in enumerate(zip(batch_images, prompts, seeds, strict=True)):
+                image = session.watermark(image)
+                if finish is not None:
+                    image = finish(image)
+                images.append(image)
+                if opt.skip_save:
+                    continue
+                if batch_dependent:
+                    remake = record.remake(prompt, seeds[0], n)
+                    extra = {"remake": remake, "batch_index": k}
+                else:
+                    remake = record.remake(prompt, seed, 1)
+                    extra = {"remake": remake}
+                first_remake = first_remake or remake
+                samples_folder.save(image, {**shared, "prompt": prompt, "seed": seed, **extra})
+                written += 1
+
+    if not opt.skip_grid:
+        grid = session.watermark(make_image_grid(images, opt.n_rows if opt.n_rows > 0 else opt.n_samples))
+        prompts = sorted({p for batch in batches for p in batch})
+        grid_folder.save(grid, {**shared, "prompts": prompts, "seed": opt.seed})
+        written += 1
+    seconds = time.perf_counter() - start
+    report_step_times(step_times)
+    if first_remake:
+        which = (
+            "its batch (the image at position batch_index of it)" if batch_dependent else "one image alone"
+        )
+        print(f"To re-make {which}, run the command in its PNG metadata, e.g.: {first_remake}")
+    print(
+        f"Your samples are ready and waiting for you here: {opt.outdir} "
+        f"({written} file{'s' * (written != 1)} written, {len(images)} images, {seconds / len(images):.2f} s per image)"
+    )
+
+
+def txt2img_render(session: Session) -> Render:
+    """Each batch sampled from its images' seeded noise x_T and decoded."""
+    opt, shape = session.opt, session.latent_shape
+
+    def render(batch: Batch) -> list[Image.Image]:
+        samples, _ = session.sampler.sample(
+            S=opt.ddim_steps, conditioning=batch.c, batch_size=len(batch.prompts), shape=shape,
+            verbose=False, unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
+            eta=opt.ddim_eta, x_T=initial_noise(batch.seeds, shape, session.device),
+            generator=batch.generator, callback=batch.callback,
+        )  # fmt: skip
+        return to_pil(session.model.decode_first_stage(samples))
+
+    return render
+
+
+def img2img_render(session: Session, image: torch.Tensor, size: tuple[int, int], t_enc: int) -> Render:
+    """SDEdit: the image [1, 3, H, W] in [-1, 1] (already at the model's size) encoded, noised to step t_enc of
+    the schedule (image i with its seed's first draw, txt2img's x_T) and denoised over the schedule's last t_enc
+    steps; results resized back to `size` (width, height). Call inside `session.scope()`, after
+    `session.sampler.make_schedule`."""
+    from ldm.image_input import resize_image
+
+    opt, model, sampler = session.opt, session.model, session.sampler
+    posterior = model.encode_first_stage(image.to(session.device))
+    shape = (opt.C, image.shape[-2] // opt.f, image.shape[-1] // opt.f)
+
+    def render(batch: Batch) -> list[Image.Image]:
+        generators = seed_generators(batch.seeds)
+        noise = draw_noise(generators, shape, session.device)  # first draw: txt2img's x_T
+        z0 = encode_image(model, posterior, generators)
+        samples = sampler.decode(
+            noised_latents(sampler, z0, noise, t_enc), batch.c, t_enc,
+            unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
+            callback=batch.callback, generator=batch.generator, verbose=False,
+        )  # fmt: skip
+        return [resize_image(result, size) for result in to_pil(model.decode_first_stage(samples))]
+
+    return render
+
+
+def inpaint_render(
+    session: Session, image: torch.Tensor, repaint: torch.Tensor, size: tuple[int, int]
+) -> Render:
+    """Inpainting of image [1, 3, H, W] in [-1, 1] where repaint [1, 1, H, W] is 1: with an SD inpainting model
+    (hybrid conditioning, 2C + 1 UNet input channels) through its concat conditioning; with an ordinary model by
+    masked sampling (the kept latents blended in at every step). Results resized back to `size`. Call inside
+    `session.scope()`."""
+    from ldm.image_input import resize_image
+
+    opt, model, sampler = session.opt, session.model, session.sampler
+    shape = (opt.C, image.shape[-2] // opt.f, image.shape[-1] // opt.f)
+    concat = is_inpainting_model(model)
+    if not concat and not sampler.supports_mask:
+        raise UserError(
+            f"the {opt.sampler} sampler cannot do masked sampling, which this (non-inpainting) model needs: "
+            "use --sampler ddim or plms, or an inpainting model"
+        )
+    image, repaint = image.to(session.device), repaint.to(session.device)
+    if concat:
+        posterior = model.encode_first_stage(masked_image(image, repaint))
+    else:
+        posterior = model.encode_first_stage(image)
+        keep = latent_keep_mask(repaint, shape[1:])
+
+    def render(batch: Batch) -> list[Image.Image]:
+        generators = seed_generators(batch.seeds)
+        x_T = draw_noise(generators, shape, session.device)  # first draw: txt2img's x_T
+        kwargs = dict(
+            S=opt.ddim_steps, batch_size=len(batch.prompts), shape=shape, x_T=x_T, eta=opt.ddim_eta,
+            unconditional_guidance_scale=opt.scale, generator=batch.generator, callback=batch.callback,
+            verbose=False,
+        )  # fmt: skip
+        if concat:
+            c_concat = [inpainting_concat(model, posterior, repaint, generators)]
+            uc = None if batch.uc is None else {"c_concat": c_concat, "c_crossattn": [batch.uc]}
+            cond = {"c_concat": c_concat, "c_crossattn": [batch.c]}
+            samples, _ = sampler.sample(conditioning=cond, unconditional_conditioning=uc, **kwargs)
+        else:
+            z0 = encode_image(model, posterior, generators)
+            samples, _ = sampler.sample(
+                conditioning=batch.c, unconditional_conditioning=batch.uc, mask=keep, x0=z0, **kwargs
+            )
+            samples = keep * z0 + (1.0 - keep) * samples  # the decoder sees the image's own kept latents
+        return [resize_image(result, size) for result in to_pil(model.decode_first_stage(samples))]
+
+    return render
+
+
+def img2img_steps(session: Session, strength: float) -> int:
+    """Set the sampler's schedule for --ddim_steps and return t_enc, the steps img2img runs for `strength`."""
+    session.sampler.make_schedule(
+        ddim_num_steps=session.opt.ddim_steps, ddim_eta=session.opt.ddim_eta, verbose=False
+    )
+    return strength_steps(strength, session.opt.ddim_steps)

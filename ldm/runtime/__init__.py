@@ -1,0 +1,106 @@
+"""Runtime policy, in one place: which device, which precision, and what is applied to a built model before it
+generates (low-precision weights, tiled VAE, chunked attention, memory residency, threads, torch.compile, the
+CPU fast paths). The model classes know nothing of this; the mechanisms live beside this file
+(`memory`, `fast_paths`, `bf16`)."""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ldm.errors import UserError
+from ldm.runtime.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16
+from ldm.runtime.fast_paths import apply_cpu_fast_paths
+from ldm.runtime.memory import (
+    enable_lowvram,
+    keep_freed_memory,
+    low_precision,
+    release_idle_units,
+    set_attention_chunk,
+)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run a model (none of these changes the image, except `vae_tiling` at large sizes)."""
+
+    vae_tiling: bool = False  # VAE in overlapping 64x64-latent tiles
+    attention_chunk: int | None = None  # queries per attention call
+    lowvram: bool = False  # only the module in use on the GPU
+    threads: int | None = None  # torch CPU threads
+    compile: bool = False  # torch.compile the UNet
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(name, False):
+        raise UserError(f"--device {name} is not available on this machine: use --device auto or cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """Default precision: autocast (fp16) on CUDA, full (fp32) elsewhere."""
+    if precision is not None:
+        return precision
+    return "autocast" if device.type == "cuda" else "full"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision on a device: fp16 on GPUs, bf16 on the CPU, None for full."""
+    if precision == "full":
+        return None
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device) -> Iterator[None]:
+    """Autocast at the precision's dtype; on a CPU without bf16 units the bf16 products run in fp32
+    (`ldm.runtime.bf16`), where torch's fallback kernels are far slower."""
+    dtype = autocast_dtype(precision, device)
+    with contextlib.ExitStack() as scope:
+        if dtype is not None:
+            scope.enter_context(torch.autocast(device.type, dtype=dtype))
+        if dtype == torch.bfloat16 and not cpu_has_fast_bf16():
+            scope.enter_context(Bf16ProductsInFp32())
+        yield
+
+
+def load_device(device: torch.device, options: RuntimeOptions) -> torch.device:
+    """Where to load the weights: the CPU under --lowvram (modules move in when used), else `device`."""
+    return torch.device("cpu") if options.lowvram else device
+
+
+def prepare(model: nn.Module, device: torch.device, precision: str, options: RuntimeOptions) -> None:
+    """Apply the runtime to a loaded LatentDiffusion on `device`: low-precision weights for autocast (fp16 on
+    CUDA, bf16 on the CPU), tiling, attention chunks, threads, compile; on the CPU the fast paths, malloc keeping
+    freed activations for reuse, and only the module in use resident; elsewhere --lowvram offloading."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is not None:
+        low_precision(model, dtype)
+    if options.vae_tiling:
+        if not hasattr(model.first_stage_model, "enable_tiling"):
+            raise UserError("--vae-tiling needs a KL autoencoder first stage (AutoencoderKL)")
+        model.first_stage_model.enable_tiling()
+    if options.attention_chunk is not None:
+        set_attention_chunk(model, options.attention_chunk)
+    if device.type == "cpu":
+        apply_cpu_fast_paths(model)
+        keep_freed_memory()
+        release_idle_units(model)
+        if options.lowvram:
+            print("--lowvram: on the CPU only the module in use stays resident anyway: nothing to offload")
+    elif options.lowvram:
+        enable_lowvram(model, device)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    if options.compile:
+        model.model.diffusion_model.compile()

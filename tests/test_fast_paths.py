@@ -1,0 +1,100 @@
+"""The CPU fast paths the runtime applies give the plain layers' numbers: matmul convolutions, the decoder's
+channels_last levels, and both applied to a whole model."""
+
+import pytest
+import torch
+from conftest import randomize_
+from test_autoencoder import small_ddconfig
+
+from ldm.modules.diffusionmodules.model import Decoder
+from ldm.runtime.fast_paths import (
+    MatmulConv2d,
+    apply_cpu_fast_paths,
+    use_channels_last_decoder,
+    use_matmul_convolutions,
+)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, size, bias, channels_last",
+    [
+        (3, 1, 1, 8, True, False),  # 3x3 on <= 64 pixels: im2col + one matrix product
+        (3, 1, 1, 4, False, True),
+        (3, 1, 1, 16, True, False),  # larger maps, strides, 1x1: torch's own convolution
+        (3, 2, 1, 8, True, False),
+        (1, 1, 0, 8, True, True),
+    ],
+)
+def test_conv2d_matmul_path_equals_torch_conv(kernel, stride, padding, size, bias, channels_last):
+    torch.manual_seed(0)
+    conv = MatmulConv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
+    reference = torch.nn.Conv2d(24, 40, kernel, stride=stride, padding=padding, bias=bias)
+    reference.load_state_dict(conv.state_dict())
+    assert list(conv.state_dict()) == list(reference.state_dict())
+    conv.MATMUL_MIN_CHANNELS = 16  # the path is for wide layers; test it on a narrow one
+    x = torch.randn(2, 24, size, size)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        conv.to(memory_format=torch.channels_last)
+    small = size * size <= MatmulConv2d.MATMUL_MAX_PIXELS
+    assert conv._as_matmul(x) == (kernel == 3 and stride == 1 and small)
+    x_ref = x.detach().clone().requires_grad_()
+    x.requires_grad_()
+    out, expected = conv(x), reference(x_ref)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert out.is_contiguous() or not conv._as_matmul(x)  # the matmul path returns plain NCHW
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_conv2d_matmul_path_only_for_wide_small_maps():
+    small_map = torch.empty(2, 1280, 8, 8)
+    assert MatmulConv2d(1280, 1280, 3, padding=1)._as_matmul(small_map)  # the SD UNet's 8x8 level
+    assert not MatmulConv2d(64, 64, 3, padding=1)._as_matmul(small_map[:, :64])  # narrow: oneDNN is as fast
+    assert not MatmulConv2d(1280, 1280, 3, padding=1)._as_matmul(torch.empty(2, 1280, 16, 16))
+    assert not MatmulConv2d(1280, 1280, 3, padding=1)._as_matmul(small_map.to("meta"))  # CPU only
+
+
+def test_use_matmul_convolutions_switches_only_wide_3x3_layers_and_keeps_the_numbers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1024, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(2, 1024, 4, 4)
+    with torch.no_grad():
+        plain = net(x)
+        assert use_matmul_convolutions(net) == 1
+        assert type(net[0]) is MatmulConv2d and type(net[1]) is torch.nn.Conv2d
+        assert net[0]._as_matmul(x)
+        torch.testing.assert_close(net(x), plain, rtol=0, atol=1e-4)
+
+
+def test_decoder_top_levels_in_channels_last_equal_plain():
+    decoder = Decoder(**small_ddconfig(ch_mult=[1, 2], num_res_blocks=1)).eval()
+    randomize_(decoder, seed=0)
+    z = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0))  # -> 256x256: the path is on
+    layouts = []
+    decoder.conv_out.register_forward_pre_hook(
+        lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.no_grad():
+        plain = decoder(z)
+        use_channels_last_decoder(decoder)
+        fast = decoder(z)
+        small = decoder(z[..., :32, :32])  # -> 64x64: below the threshold, plain layout
+    assert layouts == [False, True, False]
+    assert fast.shape == (1, 3, 256, 256) and fast.is_contiguous() and 0.1 < plain.std() < 100
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)  # the fp32 bar for optimized paths
+    assert small.shape == (1, 3, 64, 64)
+
+
+def test_apply_cpu_fast_paths_on_a_model_keeps_its_output(tiny_ldm):
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    z = torch.randn(1, 4, 40, 40)
+    with torch.no_grad():
+        plain_eps, plain_image = tiny_ldm.apply_model(x, t, c), tiny_ldm.decode_first_stage(z)
+        apply_cpu_fast_paths(tiny_ldm)
+        eps, image = tiny_ldm.apply_model(x, t, c), tiny_ldm.decode_first_stage(z)
+    assert tiny_ldm.first_stage_model.decoder._forward_hooks  # the channels_last levels are installed
+    torch.testing.assert_close(eps, plain_eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(image, plain_image, rtol=0, atol=1e-4)
