@@ -11,7 +11,7 @@ no_safety_checker, C, f and the runtime options (vae_tiling, attention_chunk, lo
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class Session:
     model_hash: str
     safety_checker: Callable[[list[Image.Image]], list[Image.Image]] | None
     watermark: Watermarker
+    uc_cache: dict = field(default_factory=dict)  # (batch size, negative prompt) -> uc
 
     def scope(self) -> contextlib.ExitStack:
         """No gradients, the run's precision, and the EMA weights if the model has them."""
@@ -147,6 +148,34 @@ def report_step_times(batches: list[list[float]]) -> None:
         print(f"Sampler steps: first {first:.2f} s, then {rest[len(rest) // 2]:.2f} s per step (median)")
 
 
+def conditionings(session: Session, prompts: list[str]) -> tuple[Any, Any]:
+    """(c, uc) of a batch: the prompts' conditioning, and the negative prompt's (None when --scale is 1, which
+    needs none); uc is cached per batch size on the session."""
+    opt, model = session.opt, session.model
+    n = len(prompts)
+    cache, key = session.uc_cache, (n, opt.negative_prompt)
+    if opt.scale != 1.0 and key not in cache:
+        cache[key] = model.get_learned_conditioning(n * [opt.negative_prompt])
+    return model.get_learned_conditioning(prompts), cache.get(key) if opt.scale != 1.0 else None
+
+
+def render_batch(
+    session: Session,
+    render: Render,
+    prompts: list[str],
+    seeds: list[int],
+    callback: Callable[[int], None] = lambda step: None,
+) -> list[Image.Image]:
+    """One batch's finished images: conditioned, rendered (`callback` after each sampler step), passed through
+    the safety checker and watermarked. Call inside `session.scope()`."""
+    c, uc = conditionings(session, prompts)
+    batch = Batch(prompts, seeds, c, uc, torch.Generator().manual_seed(seeds[0]), callback)
+    images = render(batch)
+    if session.safety_checker is not None:
+        images = session.safety_checker(images)
+    return [session.watermark(image) for image in images]
+
+
 def generate(
     session: Session,
     batches: list[list[str]],
@@ -165,11 +194,11 @@ def generate(
     the kept pixels back there). `batch_dependent` says an image depends on its batch (noise drawn for the
     whole batch), so the re-make command re-makes the batch.
     """
-    opt, model = session.opt, session.model
+    opt = session.opt
     samples_folder = NumberedFolder(Path(opt.outdir) / "samples")
     grid_folder = NumberedFolder(Path(opt.outdir), prefix="grid-", digits=4)
     shared = {**record.parameters, "sampler": opt.sampler, "model_hash": session.model_hash}
-    images, written, first_remake, image_index, uc_cache = [], 0, None, 0, {}
+    images, written, first_remake, image_index = [], 0, None, 0
     step_times = []
     start = time.perf_counter()
     for _ in trange(opt.n_iter, desc="Sampling"):
@@ -178,24 +207,13 @@ def generate(
             first_seed = opt.seed if opt.fixed_code else opt.seed + image_index
             seeds = list(range(first_seed, first_seed + n))
             image_index += n
-            if opt.scale != 1.0 and n not in uc_cache:
-                uc_cache[n] = model.get_learned_conditioning(n * [opt.negative_prompt])
-            c = model.get_learned_conditioning(prompts)
             with tqdm(total=steps, desc=f"{opt.sampler} steps", leave=False) as bar:
-                batch = Batch(
-                    prompts,
-                    seeds,
-                    c,
-                    uc_cache.get(n),
-                    torch.Generator().manual_seed(seeds[0]),
-                    lambda _: (bar.update(), step_times[-1].append(time.perf_counter())),
-                )
                 step_times.append([time.perf_counter()])
-                batch_images = render(batch)
-            if session.safety_checker is not None:
-                batch_images = session.safety_checker(batch_images)
+                batch_images = render_batch(
+                    session, render, prompts, seeds,
+                    lambda _: (bar.update(), step_times[-1].append(time.perf_counter())),
+                )  # fmt: skip
             for k, (image, prompt, seed) in enumerate(zip(batch_images, prompts, seeds, strict=True)):
-                image = session.watermark(image)
                 if finish is not None:
                     image = finish(image)
                 images.append(image)
