@@ -197,7 +197,7 @@ def test_image_conversions(tmp_path):
         ("small", ["--strength", "-0.1"], "--strength must be between 0.0 and 1.0, got -0.1"),
         ("huge", [], "more than --max-pixels 4194304: downscale it, or pass --max-pixels 4305000"),
         ("small", ["--max-pixels", "100"], "is 64x64 = 4096 pixels, more than --max-pixels 100"),
-        ("small", ["--plms", "--ddim_eta", "0.5"], "--ddim_eta 0.5 needs the ddim sampler"),
+        ("small", ["--plms", "--ddim_eta", "0.5"], "--ddim_eta 0.5 needs a sampler that takes eta"),
         ("small", ["--C", "3"], "--C 3 does not match the model's 4 latent channels"),
         (None, [], "no input image: pass --init-img"),
         ("small", ["--config", "tests/configs/tiny-inpaint.yaml"], "conditioned on an image too"),
