@@ -14,16 +14,19 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import LearningRateMonitor  # noqa: F401  (main.LearningRateMonitor)
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from yaml import YAMLError
 
 from ldm.data.datamodule import DataModuleFromConfig, WrappedDataset  # noqa: F401  (configs name main.*)
+from ldm.errors import ConfigError
 from ldm.training import (
     AtomicCheckpointIO,
-    ConfigError,
     ImageLogger,  # noqa: F401  (configs name main.ImageLogger)
     ModelCheckpoint,
     SaveOnSignal,
@@ -174,8 +177,17 @@ def load_configs(opt: argparse.Namespace, overrides: list[str]):
     bad = [arg for arg in overrides if "=" not in arg or arg.startswith("-")]
     if bad:
         raise ConfigError(f"unrecognized arguments {' '.join(bad)}: config overrides are written key=value")
-    configs = [OmegaConf.load(path) for path in opt.base]
-    config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+    configs = []
+    for path in opt.base:
+        try:
+            configs.append(OmegaConf.load(path))
+        except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as error:
+            reason = " ".join(str(error).split())
+            raise ConfigError(f"config file {path} is not valid YAML ({reason}): fix it") from None
+    try:
+        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
+    except (YAMLError, OmegaConfBaseException) as error:
+        raise ConfigError(f"the configs and overrides do not merge: {' '.join(str(error).split())}") from None
     if "model" not in config:
         raise ConfigError("the merged config has no `model:` section: pass -b with a model config")
     lightning_config = config.pop("lightning", OmegaConf.create())
@@ -188,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides += getattr(opt, "overrides_after_flags", [])
     if opt.name and opt.resume:
         raise ConfigError("-n/--name and -r/--resume cannot be given together: resume keeps its run's name")
+    if opt.resume and not opt.train:
+        rank_zero_info("note: -r resumes training, so -t is implied")
+        opt.train = True
     # DDP launches this script again for the other ranks: they must share rank 0's run directory
     now = os.environ.get("LDM_RUN_TIMESTAMP") or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     os.environ["LDM_RUN_TIMESTAMP"] = now
@@ -215,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
             rank_zero_info(f"{split}: {dataset.__class__.__name__}, {len(dataset)} examples")
 
     batch_size = config.data.params.batch_size if data is not None else 1
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"data.params.batch_size must be a positive whole number, got {batch_size!r}")
     base_lr = config.model.get("base_learning_rate", 1e-4)
     n_devices = trainer_config.get("_n_devices", 1) * trainer_config.get("num_nodes", 1)
     accumulate = trainer_config.get("accumulate_grad_batches", 1) or 1
@@ -251,13 +268,16 @@ def main(argv: list[str] | None = None) -> None:
     ]
 
     trainer_args = {k: v for k, v in trainer_config.items() if not k.startswith("_")}
-    trainer = pl.Trainer(
-        **trainer_args,
-        default_root_dir=str(logdir),
-        logger=CSVLogger(save_dir=str(logdir), name="csv"),  # csv/version_N: a resume adds a version
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-    )
+    try:
+        trainer = pl.Trainer(
+            **trainer_args,
+            default_root_dir=str(logdir),
+            logger=CSVLogger(save_dir=str(logdir), name="csv"),  # csv/version_N: a resume adds a version
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+        )
+    except (TypeError, ValueError, MisconfigurationException) as error:
+        raise ConfigError(f"lightning.trainer: {' '.join(str(error).split())}") from None
 
     try:
         if opt.train:

@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import re
-import secrets
 import threading
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -21,6 +20,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ldm.files import file_mode, remove_stale_temporaries, temporary_path
 from ldm.util import instantiate_from_config
 
 _METADATA_KEYS = ("global_step", "epoch")
@@ -58,21 +58,35 @@ def read_state_dict(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty: the download or copy did not finish; fetch the file again")
     if path.suffix == ".safetensors":
-        with safetensors.safe_open(path, framework="pt") as f:
-            header = f.metadata() or {}
+        try:
+            with safetensors.safe_open(path, framework="pt") as f:
+                header = f.metadata() or {}
+            state_dict = safetensors.torch.load_file(path, device=str(device))
+        except (safetensors.SafetensorError, OSError, ValueError) as error:
+            raise _damaged(path, error) from None
         metadata = {k: int(header[k]) for k in _METADATA_KEYS if header.get(k, "").isdigit()}
-        return safetensors.torch.load_file(path, device=str(device)), metadata
+        return state_dict, metadata
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location=device, mmap=zipfile.is_zipfile(path), weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        opcode = re.search(r"Unsupported operand (\d+)", str(e))
+        if opcode and not unsafe:
+            raise CheckpointError(
+                f"{path} is not a checkpoint that can be read safely (pickle opcode {opcode[1]} is not allowed): "
+                "it is damaged or was not written by torch.save; refused without running it"
+            ) from None
         needs = f"`{unsafe[1]}`" if unsafe else "objects beyond tensors and plain containers"
         raise CheckpointError(
             f"{path}: refused for safety: unpickling it would load {needs}, which could run code; "
             "convert it to .safetensors with a tool you trust"
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise _damaged(path, error) from None
     metadata = {}
     if isinstance(obj, Mapping) and "state_dict" in obj:
         metadata = {k: obj[k] for k in _METADATA_KEYS if k in obj}
@@ -83,6 +97,14 @@ def read_state_dict(
     if bad:
         raise CheckpointError(f"{path}: not a state dict of tensors (e.g. key {bad[0]!r})")
     return dict(obj), metadata
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    reason = " ".join(str(error).split())[:200]
+    return CheckpointError(
+        f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}): the file is damaged or "
+        "incomplete; fetch it again"
+    )
 
 
 def _fix_key(key: str, own: Mapping[str, torch.Tensor]) -> str:
@@ -212,9 +234,12 @@ def load_model_from_config(
 def replaced_atomically(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write to: renamed onto `path` when the block succeeds, removed when it
     fails, so `path` only ever holds its old content or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    remove_stale_temporaries(path.parent)
+    tmp = temporary_path(path)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):

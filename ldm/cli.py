@@ -6,6 +6,7 @@ once; the pipeline is imported only when there is work to do."""
 import argparse
 import gc
 import math
+import random
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ldm.errors import UserError
+from ldm.files import check_output_folder
 from ldm.loading import DEFAULT_CKPT, DEFAULT_CONFIG
 from ldm.models.diffusion.registry import SAMPLERS, canonical_name
 
 SCRIPTS = ("txt2img", "img2img", "inpaint")
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
 WITH_IMAGE = ("img2img", "inpaint")
 DEFAULT_MAX_PIXELS = 2048 * 2048  # input images larger than this are refused unless --max-pixels says more
 
@@ -26,6 +29,10 @@ Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 
 def at_least(low: int) -> Check:
     return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def between(low: int, high: int) -> Check:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
 
 
 def finite(low: float | None = None, high: float | None = None) -> Check:
@@ -84,7 +91,8 @@ FLAGS: tuple[Flag, ...] = (
          default={s: f"outputs/{s}-samples" for s in ("txt2img", "img2img")} | {"inpaint": "outputs/inpainting-samples"}),
     Flag("--skip_grid", "do not save a grid, only individual samples", type=None),
     Flag("--skip_save", "do not save individual samples (for speed measurements)", type=None),
-    Flag("--ddim_steps", "number of sampling steps", type=int, default=50, check=at_least(1), image=True,
+    Flag("--ddim_steps", "number of sampling steps (1 to the model's 1000 timesteps)", type=int, default=50,
+         check=between(1, 1000), image=True,
          key="steps"),
     Flag("--plms", "use plms sampling (same as --sampler plms)", type=None),
     Flag("--dpm_solver", "use dpm_solver sampling (same as --sampler dpm)", type=None),
@@ -113,9 +121,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--strength", "strength for noising/unnoising. 1.0 corresponds to full destruction of information in "
          "init image", type=float, default=0.75, check=finite(0.0, 1.0), scripts=("img2img",), image=True),
     Flag("--config", "path to config which constructs model", default=DEFAULT_CONFIG, image=True),
+    Flag("--trust-config", "let the config's `target:` entries build anything, not only classes of ldm and "
+         "torch (configs are code: only for configs you trust)", type=None),
     Flag("--ckpt", "path to checkpoint of model (.ckpt or .safetensors), or a bundled model's name (shapes)",
          default=DEFAULT_CKPT, image=True, key="model", describe=lambda path: Path(path).name),
-    Flag("--seed", "the seed (for reproducible sampling); image k gets seed + k", type=int, default=42),
+    Flag("--seed", "the seed (for reproducible sampling); image k gets seed + k; -1 picks one at random",
+         type=int, default=42, check=between(-1, MAX_SEED)),
     Flag("--precision", "evaluate at this precision (default: autocast on CUDA, i.e. fp16; full on CPU; "
          "autocast on CPU is bf16)", choices=("full", "autocast"), image=True),
     Flag("--device", "where to run (auto: cuda, then mps, then cpu)", choices=("auto", "cuda", "mps", "cpu"),
@@ -130,6 +141,9 @@ FLAGS: tuple[Flag, ...] = (
          "module in use stays resident anyway)", type=None),
     Flag("--threads", "CPU threads for torch (default: one per core; use fewer when other processes keep cores "
          "busy, since oversubscribed threads run several times slower)", type=int, check=at_least(1)),
+    Flag("--memory-limit", "memory (GiB) a run may use: sizes whose estimated peak clearly exceeds it are refused "
+         "before the model loads (default: what the machine or GPU has free)", type=float, check=finite(0.0),
+         metavar="GIB"),
     Flag("--compile", "torch.compile the UNet (the first step then includes compiling)", type=None),
     Flag("--max-pixels", "refuse input images with more pixels than this (2048x2048 by default)", type=int,
          default=DEFAULT_MAX_PIXELS, check=at_least(1), scripts=WITH_IMAGE, image=True),
@@ -192,6 +206,10 @@ def parse_args(script: str, description: str | None, argv: Sequence[str] | None)
         if problem:
             raise UserError(f"{flag.name} {problem}, got {value}")
     opt.sampler = choose_sampler(opt)
+    if opt.seed == -1:
+        opt.seed = random.randrange(2**32)
+        print(f"seed -1: picked seed {opt.seed}")
+    check_output_folder(opt.outdir)
     return apply_bundled_model(opt, parser)
 
 
@@ -218,20 +236,60 @@ def check_sampler_options(opt: argparse.Namespace) -> None:
         )
 
 
+def check_memory(opt: argparse.Namespace, height: int, width: int) -> None:
+    """Refuse an image size whose estimated peak memory clearly exceeds what the device has (see
+    ldm.runtime.budget), before the model loads."""
+    from ldm.loading import resolve_path
+    from ldm.runtime.budget import check_fits, file_bytes
+
+    device = opt.device if opt.device != "auto" else _auto_device_type()
+    check_fits(
+        height, width, opt.n_samples, guided=opt.scale != 1.0, tiled=opt.vae_tiling,
+        weights=file_bytes(resolve_path(opt.ckpt)), device_type=device, limit_gib=opt.memory_limit,
+    )  # fmt: skip
+
+
+def _auto_device_type() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
     """Batches of prompts: n_samples copies of --prompt, or the file's lines in batches of n_samples
     (the last batch may be smaller)."""
     if not opt.from_file:
-        return [opt.n_samples * [opt.prompt]]
-    path = Path(opt.from_file)
+        batches = [opt.n_samples * [opt.prompt]]
+    else:
+        batches = _read_prompt_file(opt.from_file, opt.n_samples)
+    images = opt.n_samples if opt.fixed_code else opt.n_iter * sum(len(batch) for batch in batches)
+    if opt.seed + images - 1 > MAX_SEED:
+        raise UserError(
+            f"--seed {opt.seed}: the run's {images} images would need seeds up to {opt.seed + images - 1}, "
+            f"past the largest seed {MAX_SEED}: pass a smaller --seed"
+        )
+    return batches
+
+
+def _read_prompt_file(name: str, n_samples: int) -> list[list[str]]:
+    """The file's non-empty lines (UTF-8, a byte-order mark dropped) in batches of n_samples."""
+    path = Path(name)
     if not path.is_file():
         raise UserError(
-            f"prompt file {opt.from_file} not found: pass --from-file with a text file, one prompt per line"
+            f"prompt file {name} not found: pass --from-file with a text file, one prompt per line"
         )
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"prompt file {name} is not UTF-8 text (byte {error.start}: {data[error.start : error.start + 1]!r}): "
+            "save it as UTF-8"
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise UserError(f"prompt file {opt.from_file} has no prompts: write one prompt per line")
-    return [prompts[i : i + opt.n_samples] for i in range(0, len(prompts), opt.n_samples)]
+        raise UserError(f"prompt file {name} has no prompts: write one prompt per line")
+    return [prompts[i : i + n_samples] for i in range(0, len(prompts), n_samples)]
 
 
 def image_flags(script: str) -> list[Flag]:

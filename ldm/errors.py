@@ -7,3 +7,7 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ConfigError(UserError):
+    """A mistake in a YAML config or its overrides, reported as one line before anything is built."""

@@ -6,7 +6,7 @@ Everything but `load_model` works without torch, so the scripts check their flag
 from pathlib import Path
 from typing import Any
 
-from ldm.errors import UserError
+from ldm.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -23,14 +23,62 @@ def resolve_path(path: str) -> Path:
     return ROOT / candidate
 
 
-def load_config(path: str) -> Any:
-    """The OmegaConf config at `path` (resolved as `resolve_path`)."""
+SAFE_TARGETS = ("ldm.", "torch.")  # what a generation config may build without --trust-config
+
+
+def load_config(path: str, trust: bool = False) -> Any:
+    """The model config at `path` (resolved as `resolve_path`): valid YAML with a `model: target:` section, and
+    (unless `trust`) every `target:` a class of this project or torch (configs are code)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     config_path = resolve_path(path)
     if not config_path.is_file():
         raise UserError(f"config file {path} not found: pass --config with the path of a model's YAML config")
-    return OmegaConf.load(config_path)
+    try:
+        config = OmegaConf.load(config_path)
+    except (YAMLError, OmegaConfBaseException, UnicodeDecodeError) as error:
+        reason = " ".join(str(error).split())
+        raise ConfigError(
+            f"config file {path} is not valid YAML ({reason}): fix it or pass another --config"
+        ) from None
+    if not hasattr(config, "get") or "model" not in config or "target" not in config.model:
+        raise ConfigError(f"config file {path} has no model: target: section: pass a model config")
+    if not trust:
+        _check_target_names(config.model, f"{path}: model")
+    return config
+
+
+def _check_target_names(config: Any, where: str) -> None:
+    """Every `target:` in the tree names a class under `SAFE_TARGETS` (a string check: nothing is imported)."""
+    from omegaconf import DictConfig, ListConfig
+
+    items = (
+        enumerate(config)
+        if isinstance(config, ListConfig)
+        else config.items()
+        if isinstance(config, DictConfig)
+        else ()
+    )
+    if (
+        isinstance(config, DictConfig)
+        and "target" in config
+        and not str(config.target).startswith(SAFE_TARGETS)
+    ):
+        raise ConfigError(
+            f"{where}: target '{config.target}' is outside {', '.join(SAFE_TARGETS)}: configs are code; if you "
+            "trust this config, pass --trust-config"
+        )
+    for key, value in items:
+        _check_target_names(value, f"{where}.{key}")
+
+
+def check_config(config: Any, path: str) -> None:
+    """Before anything is built: every `target:` of the model config imports and takes its `params`."""
+    from ldm.util import check_targets
+
+    check_targets(config.model, f"{path}: model")
 
 
 def check_checkpoint(ckpt: str) -> Path:
@@ -47,13 +95,22 @@ def check_checkpoint(ckpt: str) -> Path:
     raise UserError(f"checkpoint {ckpt} not found: pass --ckpt with the path of a .ckpt or .safetensors file")
 
 
+def _select(config: Any, key: str, default: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(config, key, default=default)
+    return default if value is None else value
+
+
+def autoencoder_factor(config: Any) -> int:
+    """The first stage's downsampling factor: 2 ** (levels - 1)."""
+    return 2 ** (len(_select(config, "model.params.first_stage_config.params.ddconfig.ch_mult", [1])) - 1)
+
+
 def size_multiple(config: Any) -> int:
     """Image sides must be multiples of this: the autoencoder's factor times the UNet's downsampling."""
-    params = config.model.params
-    first_stage = params.first_stage_config.get("params", {})
-    ch_mult = first_stage.get("ddconfig", {}).get("ch_mult", [1])
-    unet_mult = params.unet_config.params.get("channel_mult", [1])
-    return 2 ** (len(ch_mult) - 1) * 2 ** (len(unet_mult) - 1)
+    unet_mult = _select(config, "model.params.unet_config.params.channel_mult", [1])
+    return autoencoder_factor(config) * 2 ** (len(unet_mult) - 1)
 
 
 def check_image_size(height: int, width: int, multiple: int) -> None:
@@ -68,10 +125,8 @@ def check_image_size(height: int, width: int, multiple: int) -> None:
 
 def check_latent_flags(channels: int, factor: int, config: Any) -> None:
     """--C and --f must be the model's latent channels and the autoencoder's downsampling factor."""
-    params = config.model.params
-    model_channels = params.get("channels", channels)
-    ch_mult = params.first_stage_config.get("params", {}).get("ddconfig", {}).get("ch_mult", [1])
-    model_factor = 2 ** (len(ch_mult) - 1)
+    model_channels = _select(config, "model.params.channels", channels)
+    model_factor = autoencoder_factor(config)
     if channels != model_channels:
         raise UserError(
             f"--C {channels} does not match the model's {model_channels} latent channels: use --C {model_channels}"
@@ -84,13 +139,13 @@ def check_latent_flags(channels: int, factor: int, config: Any) -> None:
 
 def takes_image_conditioning(config: Any) -> bool:
     """Whether the config's UNet also takes an image (conditioning_key concat or hybrid, e.g. inpainting)."""
-    return config.model.params.get("conditioning_key") in ("concat", "hybrid")
+    return _select(config, "model.params.conditioning_key", None) in ("concat", "hybrid")
 
 
 def check_model_kind(config: Any, config_path: str, image_conditioning: bool) -> None:
     """A model conditioned on an image too needs a script that gives it one (`image_conditioning`)."""
     if takes_image_conditioning(config) and not image_conditioning:
-        key = config.model.params.get("conditioning_key")
+        key = _select(config, "model.params.conditioning_key", None)
         raise UserError(
             f"{config_path} is a model conditioned on an image too (conditioning_key {key}, e.g. an inpainting "
             "model): use it with scripts/inpaint.py"
@@ -102,9 +157,12 @@ def _unet_input_shape(ckpt: Path) -> tuple[int, ...] | None:
     if ckpt.suffix == ".safetensors":
         import safetensors
 
-        with safetensors.safe_open(ckpt, framework="pt") as f:
-            names = set(f.keys())
-            return tuple(f.get_slice(UNET_INPUT_KEY).get_shape()) if UNET_INPUT_KEY in names else None
+        try:
+            with safetensors.safe_open(ckpt, framework="pt") as f:
+                names = set(f.keys())
+                return tuple(f.get_slice(UNET_INPUT_KEY).get_shape()) if UNET_INPUT_KEY in names else None
+        except (safetensors.SafetensorError, OSError):
+            return None  # unreadable: reading the weights says why
     from ldm.checkpoint import read_state_dict
 
     weight = read_state_dict(ckpt)[0].get(UNET_INPUT_KEY)  # memory-mapped: no copy of the weights

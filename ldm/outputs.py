@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 from torchvision.utils import make_grid
+
+from ldm.files import file_mode, remove_stale_temporaries, temporary_path
 
 WATERMARK = "StableDiffusionV1"
 _WATERMARK_MIN_PIXELS = 256 * 256  # dwtDct refuses smaller images
@@ -66,33 +67,40 @@ def read_parameters(path: str | os.PathLike) -> dict:
 
 
 def save_png(image: Image.Image, path: Path, parameters: dict | None = None) -> None:
-    """Write atomically: a temporary file in the same folder, renamed only when complete.
-
-    Refuses to replace an existing file.
-    """
+    """Write atomically: a temporary file in the same folder (`ldm.files.temporary_path`), renamed only when
+    complete, with the permissions the user's umask gives. Refuses to replace an existing file."""
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
+    tmp = temporary_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=png_info(parameters) if parameters else None)
-        os.link(tmp_name, path)  # fails instead of overwriting if the name was taken meanwhile
+        os.link(tmp, path)  # fails instead of overwriting if the name was taken meanwhile
     finally:
-        os.unlink(tmp_name)
+        os.unlink(tmp)
 
 
 class NumberedFolder:
-    """Hands out the next free `NNNNN.png`-style names in a folder, after the highest existing number."""
+    """Hands out the next free `NNNNN.png`-style names in a folder, after the highest existing number. The folder
+    is created at the first save (a run that writes nothing leaves nothing), and temporary files that killed
+    runs left in it are removed then."""
 
     def __init__(self, folder: Path, prefix: str = "", digits: int = 5):
         self.folder = Path(folder)
         self.prefix = prefix
         self.digits = digits
+        self.next_number: int | None = None
+
+    def _open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.png$")
+        remove_stale_temporaries(self.folder)
+        pattern = re.compile(rf"^{re.escape(self.prefix)}(\d+)\.png$")
         numbers = [int(m.group(1)) for name in os.listdir(self.folder) if (m := pattern.match(name))]
         self.next_number = max(numbers, default=-1) + 1
 
     def save(self, image: Image.Image, parameters: dict | None = None) -> Path:
+        if self.next_number is None:
+            self._open()
         while True:
             path = self.folder / f"{self.prefix}{self.next_number:0{self.digits}d}.png"
             self.next_number += 1

@@ -32,7 +32,7 @@ from ldm.latents import (
     seed_generators,
     strength_steps,
 )
-from ldm.loading import check_checkpoint, check_model_kind, load_model
+from ldm.loading import check_checkpoint, check_config, check_model_kind, load_model
 from ldm.models.diffusion.registry import make_sampler
 from ldm.outputs import NumberedFolder, Watermarker, make_image_grid, to_pil
 from ldm.runtime import (
@@ -89,6 +89,7 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
 
     Models whose UNet also takes an image (conditioning_key concat or hybrid, e.g. inpainting models) need a
     script that gives it one: `image_conditioning` says this one does."""
+    check_config(config, opt.config)
     check_model_kind(config, opt.config, image_conditioning)
     ckpt = check_checkpoint(opt.ckpt)
     device = select_device(opt.device)
@@ -98,6 +99,7 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
     from ldm.checkpoint import model_hash_in_background
     from ldm.safety import load_safety_checker
 
+    safety_checker = None if opt.no_safety_checker else load_safety_checker(opt.safety_checker, device)
     ckpt_hash = model_hash_in_background(ckpt)
     model = load_model(config, ckpt, load_device(device, options))
     prepare(model, device, opt.precision, options)
@@ -107,7 +109,7 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
         precision=opt.precision,
         model=model,
         sampler=make_sampler(opt.sampler, model),
-        safety_checker=None if opt.no_safety_checker else load_safety_checker(opt.safety_checker, device),
+        safety_checker=safety_checker,
         watermark=Watermarker(),
         model_hash=ckpt_hash.result(),  # after everything else that loads
     )
@@ -176,6 +178,18 @@ def render_batch(
     return [session.watermark(image) for image in images]
 
 
+def save(folder: NumberedFolder, image: Image.Image, parameters: dict, written: int) -> Path:
+    """Save the next numbered PNG; a full or failing disk ends the run with one line saying what was kept."""
+    try:
+        return folder.save(image, parameters)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UserError(
+            f"cannot write into {folder.folder} ({reason}): the {written} file{'s' * (written != 1)} written "
+            "before are kept; free some space or pass another --outdir"
+        ) from None
+
+
 def generate(
     session: Session,
     batches: list[list[str]],
@@ -226,13 +240,13 @@ def generate(
                     remake = record.remake(prompt, seed, 1)
                     extra = {"remake": remake}
                 first_remake = first_remake or remake
-                samples_folder.save(image, {**shared, "prompt": prompt, "seed": seed, **extra})
+                save(samples_folder, image, {**shared, "prompt": prompt, "seed": seed, **extra}, written)
                 written += 1
 
     if not opt.skip_grid:
         grid = session.watermark(make_image_grid(images, opt.n_rows if opt.n_rows > 0 else opt.n_samples))
         prompts = sorted({p for batch in batches for p in batch})
-        grid_folder.save(grid, {**shared, "prompts": prompts, "seed": opt.seed})
+        save(grid_folder, grid, {**shared, "prompts": prompts, "seed": opt.seed}, written)
         written += 1
     seconds = time.perf_counter() - start
     report_step_times(step_times)

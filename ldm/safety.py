@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from ldm.errors import UserError
+
 SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
 
 
@@ -81,9 +83,15 @@ class SafetyFilter:
 
 
 def find_safety_checker(path: str | None) -> Path | None:
-    """The local folder of the checker: `path` if given, else the HF cache's snapshot; None if absent."""
+    """The local folder of the checker: `path` if given (it must hold config.json), else the HF cache's
+    snapshot, None if absent."""
     if path is not None:
-        return Path(path) if Path(path, "config.json").is_file() else None
+        if not Path(path, "config.json").is_file():
+            raise UserError(
+                f"--safety-checker {path}: no config.json there: pass the folder of a local "
+                f"{SAFETY_CHECKER_REPO} copy, or --no-safety-checker"
+            )
+        return Path(path)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -97,7 +105,7 @@ def load_safety_checker(path: str | None, device: torch.device) -> SafetyFilter 
     """The safety filter from a local copy, or None with one warning when there is none."""
     from transformers import CLIPConfig, CLIPImageProcessor
 
-    from ldm.checkpoint import load_weights, read_state_dict
+    from ldm.checkpoint import CheckpointError, load_weights, read_state_dict
 
     folder = find_safety_checker(path)
     if folder is None:
@@ -111,9 +119,20 @@ def load_safety_checker(path: str | None, device: torch.device) -> SafetyFilter 
         None,
     )
     if weights is None:
-        print(f"warning: no model.safetensors or pytorch_model.bin in {folder}: images are not checked")
-        return None
-    checker = SafetyChecker(CLIPConfig.from_pretrained(folder, local_files_only=True))
-    state_dict, _ = read_state_dict(weights)
-    load_weights(checker, state_dict, strict=True, verbose=False)
+        raise UserError(
+            f"safety checker {folder} has no model.safetensors or pytorch_model.bin: restore its weights, "
+            "or pass --no-safety-checker"
+        )
+    try:
+        config = CLIPConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"safety checker {folder}/config.json is not a CLIP config ({reason})") from None
+    try:
+        checker = SafetyChecker(config)
+        state_dict, _ = read_state_dict(weights)
+        load_weights(checker, state_dict, strict=True, verbose=False)
+    except (CheckpointError, AttributeError, TypeError, ValueError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"safety checker {folder} cannot be loaded: {reason}") from None
     return SafetyFilter(checker, CLIPImageProcessor(), device)

@@ -1,6 +1,5 @@
 """The Lightning glue of main.py: config checks, trainer settings, callbacks, atomic checkpoints."""
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +7,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
@@ -17,7 +16,8 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torchvision.utils import make_grid
 
 from ldm.checkpoint import SAFE_GLOBALS, replaced_atomically
-from ldm.util import get_obj_from_str, instantiate_from_config
+from ldm.errors import ConfigError
+from ldm.util import check_targets, instantiate_from_config
 
 # Lightning 1.x trainer settings that 2.x renamed, and those it dropped (they are ignored with a note).
 RENAMED_TRAINER_KEYS = {
@@ -30,35 +30,6 @@ DROPPED_TRAINER_KEYS = {
     "amp_level", "log_gpu_memory", "truncated_bptt_steps", "resume_from_checkpoint",
 }  # fmt: skip
 LEGACY_STRATEGIES = {"ddp", "ddp_spawn", "dp", "ddp2", "ddp_sharded", "deepspeed", "fsdp"}
-
-
-class ConfigError(Exception):
-    """A mistake in the configs or command line: reported in one line before training starts."""
-
-
-def check_targets(config: Any, where: str) -> None:
-    """Check every `target:` in a config tree: it must import and its `params` must fit its signature."""
-    if isinstance(config, ListConfig):
-        for i, item in enumerate(config):
-            check_targets(item, f"{where}[{i}]")
-        return
-    if not isinstance(config, DictConfig):
-        return
-    if "target" in config:
-        target = config["target"]
-        try:
-            cls = get_obj_from_str(target)
-        except (ImportError, AttributeError, ValueError) as error:
-            raise ConfigError(f"{where}: unknown target '{target}' ({error})") from None
-        params = config.get("params") or {}
-        try:
-            inspect.signature(cls).bind(**params)
-        except TypeError as error:
-            raise ConfigError(f"{where}: the params of {target} don't fit: {error}") from None
-        except ValueError:
-            pass  # a builtin without an introspectable signature: the call itself checks
-    for key, value in config.items():
-        check_targets(value, f"{where}.{key}")
 
 
 def instantiate_checked(config: Any, what: str) -> Any:
@@ -80,6 +51,31 @@ def _parse_device_ids(value: Any) -> tuple[Any, int]:
     if text in ("-1", "auto"):
         return "auto", 1
     return int(text), max(int(text), 1)
+
+
+# Trainer settings that must be numbers (Lightning itself would fail on a string only mid-training).
+INT_TRAINER_KEYS = (
+    "max_steps",
+    "max_epochs",
+    "min_steps",
+    "min_epochs",
+    "log_every_n_steps",
+    "accumulate_grad_batches",
+    "check_val_every_n_epoch",
+    "num_nodes",
+    "num_sanity_val_steps",
+)
+NUMBER_TRAINER_KEYS = ("gradient_clip_val", "limit_train_batches", "limit_val_batches", "limit_test_batches",
+                       "val_check_interval")  # fmt: skip
+
+
+def _check_trainer_types(config: dict) -> None:
+    for key in INT_TRAINER_KEYS + NUMBER_TRAINER_KEYS:
+        value = config.get(key)
+        kinds = (int,) if key in INT_TRAINER_KEYS else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            kind = "a whole number" if key in INT_TRAINER_KEYS else "a number"
+            raise ConfigError(f"lightning.trainer.{key} must be {kind}, got {value!r}")
 
 
 def trainer_kwargs(trainer_config: Any, opt: Any, flags: tuple[str, ...]) -> dict:
@@ -106,6 +102,7 @@ def trainer_kwargs(trainer_config: Any, opt: Any, flags: tuple[str, ...]) -> dic
         config.setdefault("accelerator", "cpu")
         config["devices"], n_devices = 1, 1
     config["_n_devices"] = n_devices
+    _check_trainer_types(config)
     return config
 
 

@@ -1,6 +1,7 @@
 """Small helpers shared by the whole package: config instantiation and a few conveniences."""
 
 import importlib
+import inspect
 from collections.abc import Sequence
 from inspect import isfunction
 from typing import Any
@@ -8,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ldm.errors import ConfigError
 
 
 def get_obj_from_str(string: str, reload: bool = False) -> Any:
@@ -25,6 +28,57 @@ def instantiate_from_config(config: Any) -> Any:
             return None
         raise KeyError("Expected key `target` to instantiate.")
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
+
+
+def check_targets(config: Any, where: str) -> None:
+    """Check every `target:` in a config tree before anything is built: it must import and its `params` must
+    fit its signature. Raises ConfigError."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(config, ListConfig):
+        for i, item in enumerate(config):
+            check_targets(item, f"{where}[{i}]")
+        return
+    if not isinstance(config, DictConfig):
+        return
+    if "target" in config:
+        target = str(config["target"])
+        try:
+            cls = get_obj_from_str(target)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ConfigError(f"{where}: unknown target '{target}' ({error})") from None
+        params = config.get("params") or {}
+        try:
+            inspect.signature(cls).bind(**params)
+        except TypeError as error:
+            raise ConfigError(f"{where}: the params of {target} don't fit: {error}") from None
+        except ValueError:
+            pass  # a builtin without an introspectable signature: the call itself checks
+        accepted = _accepted_params(cls) if inspect.isclass(cls) else None
+        unknown = sorted(set(params) - accepted) if accepted is not None else []
+        if unknown:
+            raise ConfigError(f"{where}: {target} takes no parameter {', '.join(map(repr, unknown))}")
+    for key, value in config.items():
+        check_targets(value, f"{where}.{key}")
+
+
+def _accepted_params(cls: type) -> set[str] | None:
+    """The keyword parameters a class's constructor accepts, following `**kwargs` up the base classes'
+    `__init__`s (LatentDiffusion(**kwargs) -> DDPM(...)); None when the chain accepts anything."""
+    names: set[str] = set()
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except ValueError:
+            return None
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        names |= {p.name for p in parameters if p.kind in keyword}
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return names - {"self"}
+    return None
 
 
 def exists(x: Any) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.cli import (
+    check_memory,
     check_sampler_options,
     parse_args,
     read_prompts,
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     opt = parse_args("img2img", __doc__, argv)
     if not opt.init_img:
         raise UserError("no input image: pass --init-img with the path of the image to transform")
-    config = load_config(opt.config)
+    config = load_config(opt.config, trust=opt.trust_config)
     check_latent_flags(opt.C, opt.f, config)
     batches = read_prompts(opt)
     check_sampler_options(opt)
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     image = load_image(opt.init_img, opt.max_pixels)
     size = fit_size(*image.size, size_multiple(config))
+    check_memory(opt, size[1], size[0])
     opt.init_img = str(Path(opt.init_img).resolve())
     session = open_session(opt, config)
     print(f"loaded input image of size {image.width}x{image.height} from {opt.init_img}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.cli import (
+    check_memory,
     check_sampler_options,
     parse_args,
     read_prompts,
@@ -29,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     opt = parse_args("inpaint", __doc__, argv)
     if not opt.init_img or not opt.mask:
         raise UserError("inpainting needs an image and a mask: pass --init-img IMAGE --mask MASK")
-    config = load_config(opt.config)
+    config = load_config(opt.config, trust=opt.trust_config)
     check_latent_flags(opt.C, opt.f, config)
     batches = read_prompts(opt)
     check_sampler_options(opt)
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     image = load_image(opt.init_img, opt.max_pixels)
     mask = load_mask(opt.mask, image.size, opt.max_pixels)
     size = fit_size(*image.size, size_multiple(config))
+    check_memory(opt, size[1], size[0])
     opt.init_img, opt.mask = str(Path(opt.init_img).resolve()), str(Path(opt.mask).resolve())
     session = open_session(opt, config, image_conditioning=True)
     if size != image.size:

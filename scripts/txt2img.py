@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 
 from ldm.cli import (
+    check_memory,
     check_sampler_options,
     parse_args,
     read_prompts,
@@ -21,11 +22,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if opt.laion400m:
         print("Falling back to LAION 400M model...")
         opt.config, opt.ckpt, opt.outdir = LAION_CONFIG, LAION_CKPT, "outputs/txt2img-samples-laion400m"
-    config = load_config(opt.config)
+    config = load_config(opt.config, trust=opt.trust_config)
     check_latent_flags(opt.C, opt.f, config)
     check_image_size(opt.H, opt.W, size_multiple(config))
     batches = read_prompts(opt)
     check_sampler_options(opt)
+    check_memory(opt, opt.H, opt.W)
 
     from ldm.pipeline import Record, generate, open_session, txt2img_render
 

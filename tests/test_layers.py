@@ -95,7 +95,7 @@ def imports_torch(script: str, *args: str) -> tuple[bool, subprocess.CompletedPr
             ["--init-img", "x.png", "--strength", "1.5"],
             "--strength must be between 0.0 and 1.0",
         ),
-        ("inpaint.py", ["--ddim_steps", "0"], "--ddim_steps must be at least 1, got 0"),
+        ("inpaint.py", ["--ddim_steps", "0"], "--ddim_steps must be between 1 and 1000, got 0"),
         ("txt2img.py", ["--scale", "nan"], "--scale must be a finite number"),
         ("txt2img.py", ["--sampler", "no-such"], "unknown sampler 'no-such'"),
         ("txt2img.py", ["--n_samples", "two"], "invalid int value"),

@@ -237,7 +237,7 @@ def test_bad_config_stops_before_training(tmp_path, case, message):
 
 
 def test_finetune_config_builds_the_v1_model_with_folder_data():
-    from ldm.training import check_targets
+    from ldm.util import check_targets
 
     config = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "v1-finetune.yaml")
     check_targets(config, "config")

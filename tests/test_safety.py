@@ -1,11 +1,16 @@
 """The safety checker: loaded only from a local folder, flags by concept similarity, blacks out flagged images."""
 
+import os
+import pickle
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPConfig
 
+from ldm.errors import UserError
 from ldm.safety import SafetyChecker, load_safety_checker
 
 
@@ -36,6 +41,32 @@ def test_flagged_images_become_black_and_others_stay(tmp_path):
     assert np.array_equal(np.asarray(flag_none([image])[0]), np.asarray(image))
 
 
-def test_missing_checker_warns_once_and_returns_none(tmp_path, capsys):
-    assert load_safety_checker(str(tmp_path / "nowhere"), torch.device("cpu")) is None
+def test_no_checker_in_the_cache_warns_and_returns_none(monkeypatch, capsys):
+    import ldm.safety
+
+    monkeypatch.setattr(ldm.safety, "find_safety_checker", lambda path: None)
+    assert load_safety_checker(None, torch.device("cpu")) is None
     assert "safety checker not found" in capsys.readouterr().out
+
+
+def test_an_explicit_checker_must_be_there_and_loadable(tmp_path):
+    """--safety-checker PATH asked for explicitly: missing, without weights, with a bad config or a pickle that
+    would run code is an error, never unchecked images."""
+    with pytest.raises(UserError, match="no config.json there"):
+        load_safety_checker(str(tmp_path / "nowhere"), torch.device("cpu"))
+    folder = tiny_checker_folder(tmp_path / "c", False)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="has no model.safetensors or pytorch_model.bin"):
+        load_safety_checker(str(folder), torch.device("cpu"))
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": RunsCode()}, f, protocol=2)
+    with pytest.raises(UserError, match="cannot be loaded: .*refused for safety"):
+        load_safety_checker(str(folder), torch.device("cpu"))
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json is not a CLIP config"):
+        load_safety_checker(str(folder), torch.device("cpu"))

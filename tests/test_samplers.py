@@ -487,3 +487,18 @@ def test_registry_names_aliases_and_capabilities():
     assert not DPMSolverSampler.integer_timesteps and PLMSSampler.supports_mask
     with pytest.raises(ValueError, match="unknown sampler 'euler-z'"):
         canonical_name("euler-z")
+
+
+@pytest.mark.parametrize("sampler_cls", [DDIMSampler, PLMSSampler, DPMSolverSampler])
+@pytest.mark.parametrize("steps", [1, 2, 499, 501, 999, 1000])
+def test_every_step_count_up_to_the_schedule_runs(model, sampler_cls, steps):
+    """1..T steps all run (the original indexed past the schedule at S = T); the DDIM schedules refuse more
+    than T (DPM-Solver's continuous time could take more; the scripts refuse them up front)."""
+    x_T, c, _ = inputs(batch=1)
+    sampler = sampler_cls(model)
+    samples, _ = sampler.sample(steps, 1, SHAPE, conditioning=c, x_T=x_T, verbose=False)
+    assert torch.isfinite(samples).all() and sampler.num_steps == steps
+    if sampler_cls is not DPMSolverSampler:
+        assert sampler.ddim_timesteps.max() <= 999 and len(set(sampler.ddim_timesteps.tolist())) == steps
+        with pytest.raises(ValueError, match="1..1000"):
+            sampler.sample(1001, 1, SHAPE, conditioning=c, x_T=x_T, verbose=False)

@@ -47,7 +47,8 @@ def make_ddim_timesteps(
     """The DDPM timesteps [S] a DDIM run visits, ascending.
 
     "uniform" is the original's `range(0, T, T // S) + 1` ([1, 101, ..., 901] for S=10), cut to S entries
-    so that S not dividing T cannot run past the schedule; "quad" spaces them quadratically.
+    so that S not dividing T cannot run past the schedule, and without the + 1 for S = T (every timestep,
+    where the original indexed past the schedule's end); "quad" spaces them quadratically.
     """
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(
@@ -62,7 +63,7 @@ def make_ddim_timesteps(
         )
     else:
         raise ValueError(f"DDIM discretization '{ddim_discr_method}' unknown: use uniform or quad")
-    steps_out = ddim_timesteps + 1
+    steps_out = ddim_timesteps + 1 if ddim_timesteps[-1] + 1 < num_ddpm_timesteps else ddim_timesteps
     if verbose:
         print(f"Selected timesteps for ddim sampler: {steps_out}")
     return steps_out

@@ -1,0 +1,92 @@
+"""Will a generation fit in memory? A coarse, deliberately low estimate of a run's peak memory from the image
+size, batch and options, checked before the model loads, so `--W 100000` is refused at once instead of
+swapping for hours. Only clear misses are refused; `--memory-limit` overrides the machine's figure."""
+
+import os
+from dataclasses import dataclass
+
+GIB = 2**30
+# Activation bytes, measured order of magnitude for the SD v1 networks in fp32 (lower bounds on purpose):
+UNET_BYTES_PER_LATENT_PIXEL = 25_000  # per batch entry (guidance doubles the batch), flash attention
+VAE_BYTES_PER_PIXEL = 2_000  # decoder/encoder per image pixel, untiled
+VAE_TILE_PIXELS = 512 * 512  # what a tile of --vae-tiling decodes at once
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    unet: int
+    vae: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(self.unet, self.vae)
+
+
+def estimate(height: int, width: int, batch: int, guided: bool, tiled: bool, weights: int) -> Estimate:
+    """Peak bytes of generating `batch` images of height x width (factor-8 latents)."""
+    latent_pixels = (height // 8) * (width // 8)
+    pixels = height * width
+    unet = UNET_BYTES_PER_LATENT_PIXEL * latent_pixels * batch * (2 if guided else 1)
+    vae = VAE_BYTES_PER_PIXEL * (min(pixels, VAE_TILE_PIXELS) if tiled else pixels) * batch
+    return Estimate(weights, unet, vae)
+
+
+def available_bytes(device_type: str) -> int | None:
+    """Memory free for a run: the GPU's free memory on CUDA, MemAvailable on Linux; None when unknown."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(
+    height: int,
+    width: int,
+    batch: int,
+    guided: bool,
+    tiled: bool,
+    weights: int,
+    device_type: str,
+    limit_gib: float | None = None,
+) -> None:
+    """Raise UserError when the run's estimated peak clearly exceeds the memory there is (or `limit_gib`),
+    naming the option that would make it fit."""
+    from ldm.errors import UserError
+
+    limit = int(limit_gib * GIB) if limit_gib is not None else available_bytes(device_type)
+    if limit is None:
+        return
+    need = estimate(height, width, batch, guided, tiled, weights)
+    if need.total <= limit:
+        return
+    where = "GPU" if device_type == "cuda" else "machine"
+    have = (
+        f"--memory-limit {limit_gib:g} GiB"
+        if limit_gib is not None
+        else f"{limit / GIB:.1f} GiB free on this {where}"
+    )
+    advice = "a smaller size or --n_samples"
+    if not tiled and need.vae > need.unet:
+        with_tiling = estimate(height, width, batch, guided, True, weights)
+        if with_tiling.total <= limit:
+            advice = f"--vae-tiling (about {with_tiling.total / GIB:.1f} GiB)"
+    raise UserError(
+        f"{width}x{height} x {batch} needs about {need.total / GIB:.1f} GiB at least, more than the {have}: "
+        f"use {advice}, or pass --memory-limit GIB to try anyway"
+    )
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
