@@ -1,0 +1,24 @@
+"""AUTOMATIC1111's prompt language on top of the model's text encoder (see each module's docstring).
+
+encoder = PromptEncoder(model.cond_stage_model, load_embeddings("models/embeddings", width), clip_skip=1)
+c, uc = encode_conditioning(encoder, prompts, negative_prompts, steps)
+sampler.sample(steps, ..., conditioning=c, unconditional_conditioning=uc)  # c.at(step) at each step
+"""
+
+from ldm.prompts.embeddings import Embedding, load_embedding, load_embeddings
+from ldm.prompts.encode import PromptEncoder, encode_conditioning
+from ldm.prompts.schedule import ScheduledConditioning
+from ldm.prompts.syntax import ExtraNetwork, extract_extra_networks, parse_prompt_attention, prompt_schedule
+
+__all__ = [
+    "Embedding",
+    "ExtraNetwork",
+    "PromptEncoder",
+    "ScheduledConditioning",
+    "encode_conditioning",
+    "extract_extra_networks",
+    "load_embedding",
+    "load_embeddings",
+    "parse_prompt_attention",
+    "prompt_schedule",
+]
