@@ -47,10 +47,13 @@ def _read(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))
-        needs = f"`{unsafe[1]}`" if unsafe else "objects beyond tensors and plain containers"
+        if unsafe is None:
+            raise UserError(
+                f"embedding {path}: not a readable embedding file (not a torch save file)"
+            ) from None
         raise UserError(
-            f"embedding {path}: refused for safety: unpickling it would load {needs}, which could run code; "
-            "convert it to .safetensors with a tool you trust"
+            f"embedding {path}: refused for safety: unpickling it would load `{unsafe[1]}`, which could run "
+            "code; convert it to .safetensors with a tool you trust"
         ) from None
     except Exception as e:  # a truncated, corrupt or foreign file: torch/safetensors raise many kinds
         raise UserError(
