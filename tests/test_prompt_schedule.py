@@ -7,10 +7,13 @@ over 10 steps is red at step indices 0..5 and blue at 6..9.
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from ldm.bundled import BUNDLED
+from ldm.checkpoint import load_model_from_config
 from ldm.models.diffusion.registry import make_sampler
 from ldm.modules.diffusionmodules.util import make_beta_schedule
-from ldm.prompts import ScheduledConditioning
+from ldm.prompts import PromptEncoder, ScheduledConditioning, encode_conditioning
 
 RED, BLUE, GREEN, NEG_A, NEG_B = 1.0, 2.0, 3.0, -1.0, -2.0
 
@@ -127,3 +130,41 @@ def test_at_chooses_the_first_entry_not_yet_ended():
     assert padded.to(torch.float64).at(3).dtype == torch.float64
     with pytest.raises(ValueError, match="differ in shape"):
         ScheduledConditioning([[(1, torch.zeros(77, 8))], [(1, torch.zeros(154, 8))]])
+
+
+def test_prompt_editing_end_to_end_on_the_bundled_model():
+    """Encoded on the shapes model and sampled: the edited run is neither the first nor the second text's."""
+    shapes = BUNDLED["shapes"]
+    model = load_model_from_config(OmegaConf.load(shapes.config), shapes.ckpt, verbose=False)
+    encoder = PromptEncoder(model.cond_stage_model)
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def sample(prompt: str) -> torch.Tensor:
+        c, uc = encode_conditioning(encoder, [prompt], [""], steps=10)
+        return make_sampler("ddim", model).sample(
+            10,
+            1,
+            (4, 8, 8),
+            conditioning=c,
+            unconditional_conditioning=uc,
+            unconditional_guidance_scale=3.0,
+            x_T=x_T,
+            verbose=False,
+        )[0]
+
+    edited = sample("a [red:blue:0.5] circle on a white background")
+    red = sample("a red circle on a white background")
+    blue = sample("a blue circle on a white background")
+    assert not torch.allclose(edited, red) and not torch.allclose(edited, blue)
+    with torch.no_grad():
+        plain = make_sampler("ddim", model).sample(
+            10,
+            1,
+            (4, 8, 8),
+            conditioning=model.get_learned_conditioning(["a red circle on a white background"]),
+            unconditional_conditioning=model.get_learned_conditioning([""]),
+            unconditional_guidance_scale=3.0,
+            x_T=x_T,
+            verbose=False,
+        )[0]
+    assert torch.equal(red, plain)  # a plain prompt through the prompt layer is the original's run
