@@ -139,8 +139,7 @@ class PromptEncoder:
         ids = torch.tensor([chunk.tokens for chunk in batch], device=device)
         token_embeddings = None
         if any(chunk.embeddings for chunk in batch):
-            lookup = self.text_encoder.transformer.text_model.embeddings.token_embedding
-            token_embeddings = lookup(ids).clone()
+            token_embeddings = self.text_encoder.embed_tokens(ids)
             for row, chunk in enumerate(batch):
                 for position, embedding in chunk.embeddings:
                     vectors = embedding.vectors.to(token_embeddings)

@@ -214,6 +214,10 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         )
         return batch["input_ids"]
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> their token embeddings [B, T, hidden] (before position embeddings)."""
+        return self.transformer.text_model.embeddings.token_embedding(ids)
+
     def encode_tokens(
         self, ids: torch.Tensor, clip_skip: int = 1, token_embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
