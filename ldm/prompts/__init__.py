@@ -1,6 +1,9 @@
 """AUTOMATIC1111's prompt language on top of the model's text encoder (see each module's docstring).
 
-encoder = PromptEncoder(model.cond_stage_model, load_embeddings("models/embeddings", width), clip_skip=1)
+Usage:
+
+clip = model.cond_stage_model
+encoder = PromptEncoder(clip, load_embeddings("models/embeddings", clip.hidden_size), clip_skip=1)
 c, uc = encode_conditioning(encoder, prompts, negative_prompts, steps)
 sampler.sample(steps, ..., conditioning=c, unconditional_conditioning=uc)  # c.at(step) at each step
 """

@@ -203,6 +203,8 @@ def encode_conditioning(
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
     cond = encoder.schedule([extract_extra_networks(p)[0] for p in prompts], steps)
     uncond = encoder.schedule(negative_prompts, steps)
+    if cond.shape[1] == uncond.shape[1]:
+        return cond, uncond
     empty = encoder.encode([""])[0]
     length = max(cond.shape[1], uncond.shape[1])
     return cond.padded(length, empty), uncond.padded(length, empty)
