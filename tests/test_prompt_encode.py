@@ -186,6 +186,16 @@ def test_a_multi_vector_embedding_moves_to_the_next_chunk_when_it_does_not_fit(c
     assert [p for p, _ in chunks[1].embeddings] == [1]
 
 
+def test_an_embedding_after_the_last_comma_moves_with_its_words(clip):
+    """(A1111 leaves the embedding's splice behind in the first chunk here, over its padding; we move it.)"""
+    encoder = PromptEncoder(clip, {"wide": Embedding("wide", torch.zeros(2, 64), None)})
+    chunks = encoder.chunks("cat " * 60 + ", wide " + "dog " * 20)
+    assert chunks[0].tokens == [BOS, *[CAT] * 60, COMMA, *[EOS] * 15]
+    assert chunks[0].embeddings == []
+    assert chunks[1].tokens[:24] == [BOS, 0, 0, *[DOG] * 20, EOS]
+    assert [p for p, _ in chunks[1].embeddings] == [1]
+
+
 def test_prompts_of_different_lengths_in_a_batch(clip):
     encoder = PromptEncoder(clip)
     cond = encoder.schedule(["cat " * 100, "dog"], steps=5)

@@ -77,6 +77,7 @@ class PromptEncoder:
         last_comma = -1  # index in chunk.tokens of its last comma
 
         def close() -> Chunk:
+            """Finish the chunk being built (wrap in BOS/EOS, pad to 77); return a fresh one."""
             nonlocal last_comma
             padding = CHUNK_TOKENS - len(chunk.tokens)
             done.append(
