@@ -95,7 +95,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 #   scheduled: "[" [prompt ":"] prompt ":" NUMBER "]"     (whitespace allowed around NUMBER)
 #   alternate: "[" prompt ("|" prompt)+ "]"
 # where plain is text without unescaped brackets, ":" or "|". Text that does not fit (a "|" outside
-# brackets, a trailing backslash) is used literally at every step.
+# brackets, a trailing backslash) is used literally at every step. This agrees with A1111's lark parser on
+# randomized prompts except where lark itself fails: an edit directly followed by two or more stray
+# brackets or colons (`[a:b:2]))`), or a newline after such a run, makes A1111 use the whole prompt
+# literally; here the edit still applies.
 
 _PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
 _WHEN = re.compile(r"\s*([+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)\s*\]")
