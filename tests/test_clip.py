@@ -4,7 +4,9 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 
+import ftfy
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -57,6 +59,36 @@ def test_text_is_cleaned_like_clip(small):
     raw = builtin_clip_tokenizer()(["fish &amp; chips", "ﬁsh & chips"])["input_ids"]
     assert raw[0] != [BOS, 2759, 261, 8855, EOS]
     assert raw[1] != [BOS, 2759, 261, 8855, EOS]
+
+
+def _transformers4_ids(text: str) -> list[int]:
+    """Ids as the original's tokenizer (transformers 4.x `CLIPTokenizer` with ftfy) gives them: its cleaning
+    `whitespace_clean(ftfy.fix_text(text)).lower()`, then CLIP's BPE, here open_clip's own implementation
+    applied word by word (bypassing open_clip's cleaning, which also unescapes HTML)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    reference = SimpleTokenizer()
+    text = re.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
+    ids = []
+    for word in reference.pat.findall(text):
+        word = "".join(reference.byte_encoder[b] for b in word.encode("utf-8"))
+        ids += [reference.encoder[piece] for piece in reference.bpe(word).split(" ")]
+    return ids
+
+
+def test_cleaning_is_the_originals_without_extra_html_unescape(small):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    prompts = ["<b>x</b> &lt;y&gt;", "a &amp; b <i>", "&lt;3 cafÃ© ﬁsh &amp; chips", "  A\tB  "]
+    ids = small.tokenize(prompts)
+    for prompt, row in zip(prompts, ids.tolist(), strict=True):
+        expected = [BOS, *_transformers4_ids(prompt), EOS]
+        assert row == expected + [EOS] * (77 - len(expected))
+    # open_clip's cleaning unescapes entities next to markup too, so these two differ from the original's
+    assert ids[0, 1:].tolist()[: len(SimpleTokenizer().encode(prompts[0]))] != SimpleTokenizer().encode(
+        prompts[0]
+    )
+    assert small.token_ids(prompts[:1]) == [_transformers4_ids(prompts[0])]
 
 
 def test_long_prompt_is_truncated_keeping_eos(small):

@@ -37,7 +37,7 @@ def _tensors(cond: Cond) -> list[torch.Tensor]:
 
 def check_conditioning(cond: Cond, batch_size: int, name: str = "conditioning") -> None:
     """Raise ValueError unless every tensor in `cond` holds one entry per sample."""
-    for tensor in _tensors(cond):
+    for tensor in _tensors(cond.at(0) if hasattr(cond, "at") else cond):
         if tensor.shape[0] != batch_size:
             raise ValueError(
                 f"{name} has batch size {tensor.shape[0]} but batch_size is {batch_size}: "
@@ -58,6 +58,24 @@ def cat_cond(uncond: Cond, cond: Cond) -> Cond:
     return torch.cat([uncond, cond])
 
 
+class StepCounter:
+    """The index of the sampler step being computed, for conditionings that change during sampling.
+
+    Used as a run's `options.callback`: every sampler loop reports each finished step n through it, so the
+    next model calls belong to step n + 1; n is passed on to the user's callback. Extra model calls within
+    a step (PLMS's first step, second-order samplers) see the same index.
+    """
+
+    def __init__(self, callback: Callable[[int], None] | None = None):
+        self.step = 0
+        self.callback = callback
+
+    def __call__(self, n: int) -> None:
+        self.step = n + 1
+        if self.callback is not None:
+            self.callback(n)
+
+
 def guided_eps_fn(
     model: Any,
     cond: Cond,
@@ -65,16 +83,22 @@ def guided_eps_fn(
     scale: float = 1.0,
     score_corrector: Any = None,
     corrector_kwargs: dict | None = None,
+    counter: StepCounter | None = None,
 ) -> EpsFn:
     """eps(x, t, alpha_cumprod) of `model` under classifier-free guidance.
 
     x [B, C, H, W]; t a 0-dim timestep tensor (long or float) expanded to the batch; alpha_cumprod the 0-dim
     alpha-bar at t, used to turn an x0-predicting model's output into eps. With `uncond` and scale != 1 the
     model runs once on cat([x, x]) with cat([uncond, cond]) and returns e_u + scale * (e_c - e_u);
-    otherwise once on (x, cond). The concatenated conditioning is built here, once per run.
+    otherwise once on (x, cond). The concatenated conditioning is built here, once per run, unless `cond`
+    or `uncond` changes during the run: a conditioning with an `at(step)` method (e.g.
+    `ldm.prompts.ScheduledConditioning`) is resolved at `counter.step` on every call.
     """
     guided = uncond is not None and scale != 1.0
-    cond_in = cat_cond(uncond, cond) if guided else cond
+    scheduled = hasattr(cond, "at") or (guided and hasattr(uncond, "at"))
+    if scheduled and counter is None:
+        raise ValueError("a conditioning that changes during sampling needs the run's StepCounter")
+    cond_in = cat_cond(uncond, cond) if guided and not scheduled else cond
     parameterization = getattr(model, "parameterization", "eps")
     if parameterization not in ("eps", "x0"):
         raise ValueError(f"samplers support eps- and x0-prediction models, not '{parameterization}'")
@@ -82,18 +106,23 @@ def guided_eps_fn(
         raise ValueError("score_corrector needs an eps-prediction model")
     corrector_kwargs = corrector_kwargs or {}
 
+    def at_step(c: Cond) -> Cond:
+        return c.at(counter.step) if hasattr(c, "at") else c
+
     def eps_fn(x: torch.Tensor, t: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
+        c = at_step(cond)
         if guided:
-            out_u, out_c = model.apply_model(torch.cat([x, x]), t.expand(2 * x.shape[0]), cond_in).chunk(2)
+            c_in = cat_cond(at_step(uncond), c) if scheduled else cond_in
+            out_u, out_c = model.apply_model(torch.cat([x, x]), t.expand(2 * x.shape[0]), c_in).chunk(2)
             out = out_u + scale * (out_c - out_u)
         else:
-            out = model.apply_model(x, t.expand(x.shape[0]), cond)
+            out = model.apply_model(x, t.expand(x.shape[0]), c)
         # the update runs in x's dtype (fp32 latents even when the UNet returns fp16 under autocast)
         out = out.to(x.dtype)
         if parameterization == "x0":
             out = (x - alpha_cumprod.sqrt() * out) / (1 - alpha_cumprod).sqrt()
         if score_corrector is not None:
-            out = score_corrector.modify_score(model, out, x, t.expand(x.shape[0]), cond, **corrector_kwargs)
+            out = score_corrector.modify_score(model, out, x, t.expand(x.shape[0]), c, **corrector_kwargs)
         return out
 
     return eps_fn
@@ -282,6 +311,7 @@ class Sampler:
         if verbose:
             print(f"Data shape for {self.name} sampling is {size}, eta {eta}")
         x = x_T if x_T is not None else randn(size, self.device, generator)
+        counter = StepCounter(callback)
         eps_fn = guided_eps_fn(
             self.model,
             conditioning,
@@ -289,11 +319,12 @@ class Sampler:
             unconditional_guidance_scale,
             score_corrector,
             corrector_kwargs,
+            counter,
         )
         options = RunOptions(
             mask=mask,
             x0=x0,
-            callback=callback,
+            callback=counter,
             img_callback=img_callback,
             log_every_t=log_every_t,
             quantize_denoised=quantize_x0,
@@ -355,10 +386,13 @@ class Sampler:
         if not 0 <= t_start <= last:
             raise ValueError(f"t_start must be in 0..{last} for this schedule, got {t_start}")
         check_conditioning(cond, x_latent.shape[0])
-        eps_fn = guided_eps_fn(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
+        counter = StepCounter(callback)
+        eps_fn = guided_eps_fn(
+            self.model, cond, unconditional_conditioning, unconditional_guidance_scale, counter=counter
+        )
         options = RunOptions(
             use_original_steps=use_original_steps,
-            callback=callback,
+            callback=counter,
             generator=generator,
             verbose=verbose,
             desc="Decoding image",

@@ -1,11 +1,12 @@
 """Conditioning encoders: the frozen CLIP text encoder of SD v1, class embeddings, spatial rescaling."""
 
+import contextlib
 import functools
 import gzip
-import html
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import ftfy
@@ -85,9 +86,10 @@ class SpatialRescaler(nn.Module):
 
 
 def clean_text(text: str) -> str:
-    """CLIP's text cleaning: fix mojibake and ligatures, unescape HTML twice, collapse whitespace, lowercase."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return re.sub(r"\s+", " ", text).strip().lower()
+    """The original tokenizer's cleaning (transformers 4.x `CLIPTokenizer` with ftfy installed): ftfy fixes
+    mojibake and ligatures (and HTML entities, only in text without `<`), then whitespace is collapsed and
+    stripped and the text lowercased. No further HTML unescaping: that belongs to open_clip's tokenizer."""
+    return re.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -192,6 +194,14 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def train(self, mode: bool = True) -> "FrozenCLIPEmbedder":
         return super().train(mode and not self.frozen)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.transformer.text_model.config.hidden_size
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Cleaned and BPE-tokenized texts: ids without BOS/EOS, untruncated."""
+        return self.tokenizer([clean_text(t) for t in texts], add_special_tokens=False)["input_ids"]
+
     def tokenize(self, text: str | list[str]) -> torch.Tensor:
         """Prompts -> token ids [B, max_length]: BOS, tokens, EOS, padded with EOS, truncated to fit."""
         text = [text] if isinstance(text, str) else text
@@ -204,9 +214,47 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         )
         return batch["input_ids"]
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, T] -> their token embeddings [B, T, hidden] (before position embeddings)."""
+        return self.transformer.text_model.embeddings.token_embedding(ids)
+
+    def encode_tokens(
+        self, ids: torch.Tensor, clip_skip: int = 1, token_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token ids [B, T] (T <= 77) -> hidden states [B, T, hidden].
+
+        `clip_skip` 1 gives the last layer's output through the final layer norm (what `forward` returns);
+        n > 1 the output of the n-th layer from the end, through the final layer norm (A1111's "Clip skip").
+        `token_embeddings` [B, T, hidden], when given, stands in for the token-embedding lookup of `ids`
+        (textual-inversion vectors spliced in); position embeddings are added to it as usual.
+        """
+        layers = self.transformer.text_model.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip_skip must be in 1..{layers}, got {clip_skip}")
+        if clip_skip == 1:
+            with self._token_embeddings(token_embeddings):
+                return self.transformer(ids)
+        text_model = self.transformer.text_model
+        with self._token_embeddings(token_embeddings):
+            hidden = text_model(input_ids=ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return text_model.final_layer_norm(hidden)
+
+    @contextlib.contextmanager
+    def _token_embeddings(self, token_embeddings: torch.Tensor | None) -> Iterator[None]:
+        """While open, the token-embedding layer returns `token_embeddings` instead of its lookup."""
+        if token_embeddings is None:
+            yield
+            return
+        layer = self.transformer.text_model.embeddings.token_embedding
+        hook = layer.register_forward_hook(lambda module, args, output: token_embeddings.to(output))
+        try:
+            yield
+        finally:
+            hook.remove()
+
     def forward(self, text: str | list[str]) -> torch.Tensor:
         """Prompts -> CLIP last hidden state [B, max_length, hidden]."""
-        return self.transformer(self.tokenize(text).to(self.device))
+        return self.encode_tokens(self.tokenize(text).to(self.device))
 
     def encode(self, text: str | list[str]) -> torch.Tensor:
         return self(text)
