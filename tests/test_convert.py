@@ -13,7 +13,9 @@ from adapters_common import ROOT, TINY_CONFIG, inputs, outputs_diffusers, output
 from test_lora import random_kohya_lora
 
 from ldm.adapters.convert import ema_key
+from ldm.adapters.diffusers_layout import config_from_diffusers
 from ldm.adapters.lora import apply_loras
+from ldm.checkpoint import load_model_from_config
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -74,6 +76,10 @@ def test_diffusers_folder_matches_and_converts_back_bit_for_bit(full_checkpoint)
         print(f"{name}: max |ours - diffusers| = {(ours[name] - theirs[name]).abs().max():.1e}")
         assert ours[name].std() > 0.01  # not a comparison of near-constant outputs
         assert (ours[name] - theirs[name]).abs().max() <= 1e-4
+
+    # `--ckpt FOLDER`: ldm.checkpoint reads a diffusers folder into this layout, memory-mapped loading included
+    loaded = load_model_from_config(config_from_diffusers(folder), folder, verbose=False)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
     back = path.parent / "back.safetensors"
     result = run_script("convert.py", folder, back)

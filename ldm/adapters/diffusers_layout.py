@@ -75,22 +75,20 @@ class Structure:
         res_blocks = (len(blocks) - 1 - len(downsamplers)) // levels
         with_attention = _indices(unet, r"input_blocks\.(\d+)\.1\.")
         attention = tuple(1 + level * (res_blocks + 1) in with_attention for level in range(levels))
-        return cls(
-            levels, res_blocks, attention, len(_indices(vae, r"encoder\.down\.(\d+)\.")),
-            len(_indices(vae, r"encoder\.down\.0\.block\.(\d+)\.")),
-        )  # fmt: skip
+        vae_levels = len(_indices(vae, r"encoder\.down\.(\d+)\."))
+        vae_res_blocks = len(_indices(vae, r"encoder\.down\.0\.block\.(\d+)\."))
+        return cls(levels, res_blocks, attention, vae_levels, vae_res_blocks)
 
     @classmethod
     def from_diffusers(cls, unet_keys: Iterable[str], vae_keys: Iterable[str]) -> "Structure":
         unet_keys, vae_keys = list(unet_keys), list(vae_keys)
         levels = len(_indices(unet_keys, r"down_blocks\.(\d+)\."))
         with_attention = _indices(unet_keys, r"down_blocks\.(\d+)\.attentions\.")
-        return cls(
-            levels, len(_indices(unet_keys, r"down_blocks\.0\.resnets\.(\d+)\.")),
-            tuple(level in with_attention for level in range(levels)),
-            len(_indices(vae_keys, r"encoder\.down_blocks\.(\d+)\.")),
-            len(_indices(vae_keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
-        )  # fmt: skip
+        res_blocks = len(_indices(unet_keys, r"down_blocks\.0\.resnets\.(\d+)\."))
+        attention = tuple(level in with_attention for level in range(levels))
+        vae_levels = len(_indices(vae_keys, r"encoder\.down_blocks\.(\d+)\."))
+        vae_res_blocks = len(_indices(vae_keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."))
+        return cls(levels, res_blocks, attention, vae_levels, vae_res_blocks)
 
 
 def _unet_modules(s: Structure) -> dict[str, str]:
@@ -340,8 +338,14 @@ def diffusers_configs(config: Any) -> dict[str, dict[str, Any]]:
         "unk_token": "<|endoftext|>",
         "do_lower_case": True,
     }
-    return {"model_index": model_index, "unet": unet, "vae": vae, "text_encoder": text_encoder,
-            "scheduler": scheduler, "tokenizer": tokenizer}  # fmt: skip
+    return dict(
+        model_index=model_index,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        scheduler=scheduler,
+        tokenizer=tokenizer,
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -387,28 +391,42 @@ def config_from_diffusers(folder: str | Path) -> Any:
         else:
             raise UserError(f"{folder}: attention heads {heads} are neither constant nor of constant width")
     depth = unet.get("transformer_layers_per_block", 1)
+    attention = [2**i for i, kind in enumerate(unet["down_block_types"]) if kind.startswith("CrossAttn")]
     p.unet_config.params.update(
-        image_size=unet.get("sample_size", 64), in_channels=unet["in_channels"],
-        out_channels=unet["out_channels"], model_channels=widths[0],
-        channel_mult=[w // widths[0] for w in widths], num_res_blocks=unet.get("layers_per_block", 2),
-        attention_resolutions=[2**i for i, t in enumerate(unet["down_block_types"]) if t.startswith("CrossAttn")],
-        context_dim=unet["cross_attention_dim"], transformer_depth=depth if isinstance(depth, int) else depth[0],
-        use_checkpoint=False, **head_params,
-    )  # fmt: skip
-    if "num_heads" in p.unet_config.params and head_params.get("num_head_channels"):
-        p.unet_config.params.num_heads = -1
+        {
+            "in_channels": unet["in_channels"],
+            "out_channels": unet["out_channels"],
+            "model_channels": widths[0],
+            "channel_mult": [w // widths[0] for w in widths],
+            "num_res_blocks": unet.get("layers_per_block", 2),
+            "attention_resolutions": attention[::-1],  # deepest first, as the original configs list them
+            "context_dim": unet["cross_attention_dim"],
+            "transformer_depth": depth if isinstance(depth, int) else depth[0],
+            "use_checkpoint": False,
+            **head_params,
+        }
+    )
     vae_widths = vae["block_out_channels"]
     p.first_stage_config.params.embed_dim = vae.get("latent_channels", 4)
     p.first_stage_config.params.ddconfig.update(
-        z_channels=vae.get("latent_channels", 4), in_channels=vae.get("in_channels", 3),
-        out_ch=vae.get("out_channels", 3), ch=vae_widths[0], ch_mult=[w // vae_widths[0] for w in vae_widths],
-        num_res_blocks=vae.get("layers_per_block", 2),
-    )  # fmt: skip
+        {
+            "z_channels": vae.get("latent_channels", 4),
+            "in_channels": vae.get("in_channels", 3),
+            "out_ch": vae.get("out_channels", 3),
+            "ch": vae_widths[0],
+            "ch_mult": [w // vae_widths[0] for w in vae_widths],
+            "num_res_blocks": vae.get("layers_per_block", 2),
+        }
+    )
     p.update(
-        image_size=unet.get("sample_size", 64), scale_factor=vae.get("scaling_factor", 0.18215),
-        linear_start=scheduler.get("beta_start", 0.00085), linear_end=scheduler.get("beta_end", 0.012),
-        timesteps=scheduler.get("num_train_timesteps", 1000),
-    )  # fmt: skip
+        {
+            "image_size": unet.get("sample_size", 64),
+            "scale_factor": vae.get("scaling_factor", 0.18215),
+            "linear_start": scheduler.get("beta_start", 0.00085),
+            "linear_end": scheduler.get("beta_end", 0.012),
+            "timesteps": scheduler.get("num_train_timesteps", 1000),
+        }
+    )
     overrides = {k: text[k] for k in VIT_L14_TEXT_CONFIG if k in text and text[k] != VIT_L14_TEXT_CONFIG[k]}
     overrides = {
         k: v for k, v in overrides.items() if k not in ("pad_token_id", "bos_token_id", "eos_token_id")
@@ -534,8 +552,8 @@ def write_diffusers_folder(
         lines = ["#version: 0.2", *(" ".join(m) for m in merges)]
         (tmp / "tokenizer" / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         _write_json(tmp / "tokenizer" / "tokenizer_config.json", configs["tokenizer"])
-        _write_json(tmp / "tokenizer" / "special_tokens_map.json",
-                    {k: configs["tokenizer"][k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")})  # fmt: skip
+        special = {k: configs["tokenizer"][k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        _write_json(tmp / "tokenizer" / "special_tokens_map.json", special)
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
