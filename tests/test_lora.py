@@ -10,7 +10,7 @@ import torch
 from adapters_common import diffusers_twin, inputs, outputs_diffusers, outputs_ours, tiny_model
 
 from ldm.adapters.diffusers_layout import KeyMap, Structure
-from ldm.adapters.lora import LoraSet, apply_loras, lora_hash, parse_lora_arg
+from ldm.adapters.lora import LoraSet, apply_loras, lora_hash, lora_hashes, parse_lora_arg
 from ldm.errors import UserError
 
 # layers a LoRA of each kind touches: attention and feed-forward linears, 1x1 conv projections, 3x3 resnet convs
@@ -223,6 +223,7 @@ def test_lora_hash_is_a1111s_addnet_hash(tmp_path):
     header = int.from_bytes(data[:8], "little")
     assert lora_hash(a) == hashlib.sha256(data[8 + header :]).hexdigest()[:12]
     assert lora_hash(a) == lora_hash(b) and a.read_bytes() != b.read_bytes()
+    assert lora_hashes([a, b]) == f"a: {lora_hash(a)}, b: {lora_hash(b)}"
     ckpt = tmp_path / "c.pt"
     torch.save(tensors, ckpt)
     assert lora_hash(ckpt) == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12]

@@ -304,3 +304,9 @@ def lora_hash(path: str | Path) -> str:
         while chunk := f.read(16 << 20):
             digest.update(chunk)
     return digest.hexdigest()[:12]
+
+
+def lora_hashes(loras: Iterable[str | Path]) -> str:
+    """A1111's `Lora hashes` infotext value for the LoRA files `loras`: `name: hash` pairs (name = file stem,
+    hash = lora_hash) joined by ", ", e.g. `add_detail: 7c6bad76eb54, style: 0a1b2c3d4e5f`."""
+    return ", ".join(f"{Path(path).stem}: {lora_hash(path)}" for path in loras)

@@ -1,7 +1,7 @@
 """Weight files read and written one tensor at a time, so that converting or merging multi-GB checkpoints holds
 only a few tensors in memory.
 
-`.safetensors` are read with positioned reads (`os.pread`) rather than a memory map: pages of a mapped file
+`.safetensors` are read with plain positioned reads rather than a memory map: pages of a mapped file
 count in the process's resident set once touched, so mapping three 2 GB inputs would show as 6 GB. `.ckpt` files
 go through ldm.checkpoint's allow-listed unpickler (memory-mapped when zip-based). Output `.safetensors` are
 written header first, then tensor after tensor, to a temporary name that replaces the target at the end.
@@ -109,10 +109,11 @@ class TensorFile(Mapping):
         spec, (begin, stop) = self.specs[key], self._offsets[key]
         buffer = bytearray(stop - begin)
         with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
             view, done = memoryview(buffer), 0
             while done < len(buffer):
-                got = os.preadv(f.fileno(), [view[done:]], self._data_start + begin + done)
-                if got == 0:
+                got = f.readinto(view[done:])
+                if not got:
                     raise CheckpointError(f"{self.path}: file ended while reading {key!r} (truncated?)")
                 done += got
         if not buffer:
@@ -127,9 +128,11 @@ class TensorFile(Mapping):
 
 
 def spec_of(tensors: Mapping[str, torch.Tensor], key: str) -> TensorSpec:
-    """dtype and shape of `tensors[key]`, without reading it when `tensors` is a TensorFile."""
-    if isinstance(tensors, TensorFile):
-        return tensors.specs[key]
+    """dtype and shape of `tensors[key]`, without reading it when `tensors` announces them (a `specs` mapping, as
+    TensorFile and ldm.adapters.convert.Weights have)."""
+    specs = getattr(tensors, "specs", None)
+    if specs is not None:
+        return specs[key]
     return TensorSpec(tensors[key].dtype, tuple(tensors[key].shape))
 
 
