@@ -10,12 +10,14 @@ import pytest
 import safetensors.torch
 import torch
 from adapters_common import ROOT, TINY_CONFIG, inputs, outputs_diffusers, outputs_ours, tiny_model
+from omegaconf import OmegaConf
 from test_lora import random_kohya_lora
 
-from ldm.adapters.convert import ema_key
+from ldm.adapters.convert import convert, ema_key
 from ldm.adapters.diffusers_layout import config_from_diffusers
 from ldm.adapters.lora import apply_loras
 from ldm.checkpoint import load_model_from_config
+from ldm.errors import UserError
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
@@ -156,25 +158,22 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(full_checkpoint, tmp_p
         ((evil, out), "refused for safety"),
         ((truncated, out), "truncated"),
         ((path, out, "--lora", f"{sdxl_lora}:0.5"), "LoRA"),
-        (
-            (
-                path,
-                tmp_path / "folder",
-                "--ema",
-                "--keep-training-state",
-                "--config",
-                ROOT / "configs/stable-diffusion/v1-inference.yaml",
-            ),
-            "does not match the config",
-        ),
     ]
     for args, message in cases:
         assert_user_error(run_script("convert.py", *args), message)
     assert not marker.exists()
+    # the same checks in-process (each script run costs seconds of imports)
+    v1 = OmegaConf.load(ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml")
+    with pytest.raises(UserError, match="does not match the config"):
+        convert(path, tmp_path / "folder", config=v1)
+    with pytest.raises(UserError, match="--overwrite"):
+        convert(path, evil)
+    plain = path.parent / "plain.safetensors"  # EMA-only already
+    safetensors.torch.save_file(model.state_dict(), plain)
+    with pytest.raises(UserError, match="no EMA weights"):
+        convert(plain, out, ema=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "evil.ckpt",
         "sdxl.safetensors",
         "truncated.safetensors",
     ]
-    existing = tmp_path / "evil.ckpt"
-    assert_user_error(run_script("convert.py", path, existing), "--overwrite")
