@@ -13,9 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,9 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("output", type=Path, help="output: .safetensors, .ckpt, or a folder path (diffusers)")
     parser.add_argument(
         "--config",
-        type=str,
+        type=Path,
         default=DEFAULT_CONFIG,
-        help="model config of a single-file input, used for a diffusers output (default: %(default)s)",
+        help="model config of a single-file input, used for a diffusers output (default: the SD v1 config)",
     )
     parser.add_argument("--fp16", action="store_true", help="store the network weights as float16")
     parser.add_argument(
@@ -62,9 +63,8 @@ def main(args: argparse.Namespace) -> None:
     from ldm.adapters.lora import parse_lora_arg
     from ldm.errors import UserError
 
-    config_path = Path(args.config)
-    if not config_path.is_file():
-        raise UserError(f"config not found: {config_path}")
+    if not args.config.is_file():
+        raise UserError(f"config not found: {args.config}")
     loras = [parse_lora_arg(value) for value in args.lora]
     for path, _ in loras:
         if not Path(path).is_file():
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> None:
     kind = convert(
         args.input,
         args.output,
-        config=OmegaConf.load(config_path),
+        config=OmegaConf.load(args.config),
         ema=args.ema,
         prune=not args.keep_training_state,
         dtype=torch.float16 if args.fp16 else None,

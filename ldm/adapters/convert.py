@@ -44,7 +44,7 @@ class Weights(Mapping):
         dtype: torch.dtype | None = None,
         deltas: Mapping[str, torch.Tensor] | None = None,
     ):
-        self.source, self.names, self.deltas = source, names, dict(deltas or {})
+        self.source, self.names, self.deltas = source, names, deltas or {}
         self.specs = {}
         for key, source_key in names.items():
             spec = spec_of(source, source_key)
@@ -104,11 +104,8 @@ def prepare(
             missing = next(k for k in unet if k not in found)
             raise UserError(f"--ema: {len(unet) - len(found)} UNet weights have no EMA copy (e.g. {missing})")
         names.update(found)
-    deltas = {}
-    if loras:
-        shapes = {k: spec_of(source, s).shape for k, s in names.items()}
-        deltas = lora_deltas(loras, shapes)
-    return Weights(source, names, dtype, deltas)
+    shapes = {k: spec_of(source, s).shape for k, s in names.items()}
+    return Weights(source, names, dtype, lora_deltas(loras, shapes) if loras else {})
 
 
 def check_matches_config(weights: Mapping[str, torch.Tensor], config: Any) -> None:

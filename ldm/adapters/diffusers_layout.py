@@ -297,11 +297,7 @@ def diffusers_configs(config: Any) -> dict[str, dict[str, Any]]:
         "scaling_factor": p.get("scale_factor", 1.0),
     }
     text = {**VIT_L14_TEXT_CONFIG, **(p.cond_stage_config.get("params", {}).get("text_model_config") or {})}
-    text_encoder = {
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "torch_dtype": "float32",
-    }
+    text_encoder = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
     text_encoder.update(OmegaConf.to_container(OmegaConf.create(text)))
     scheduler = {
         "_class_name": "PNDMScheduler",

@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,25 +180,41 @@ def read_lora(
     return layers, skipped
 
 
+class LoraDeltas(Mapping):
+    """The sum of `weight * alpha / rank * up @ down` over several LoRA files, per weight key it touches: a
+    float32 tensor of that weight's shape, computed when asked for (only the small factors are kept)."""
+
+    def __init__(self, layers: dict[str, list[tuple[LoraLayer, float]]], shapes: Mapping[str, Sequence[int]]):
+        self.layers, self.shapes = layers, shapes
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return sum(layer.delta(self.shapes[key]) * weight for layer, weight in self.layers[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
 def lora_deltas(
     loras: Iterable[tuple[str | Path, float]], shapes: Mapping[str, Sequence[int]], verbose: bool = True
-) -> dict[str, torch.Tensor]:
-    """Sum of `weight * alpha / rank * up @ down` over the LoRA files `loras` ((path, weight) pairs), per weight
-    key of a model whose checkpoint keys and shapes are `shapes`; float32 tensors of the weights' shapes."""
+) -> LoraDeltas:
+    """The deltas of the LoRA files `loras` ((path, weight) pairs; several add up) for a model whose checkpoint
+    keys and shapes are `shapes`. Every file is read and checked here; warns once per file about skipped tensors."""
     targets = lora_targets(shapes)
-    deltas: dict[str, torch.Tensor] = {}
+    layers: dict[str, list[tuple[LoraLayer, float]]] = {}
     for path, weight in loras:
-        layers, skipped = read_lora(path, targets, shapes)
+        found, skipped = read_lora(path, targets, shapes)
         if skipped:
             warnings.warn(
                 f"LoRA {Path(path).name}: skipped {skipped} tensors this model has no layer for", stacklevel=2
             )
         if verbose:
-            print(f"LoRA {Path(path).name} (weight {weight:g}): {len(layers)} layers")
-        for key, layer in layers.items():
-            delta = layer.delta(shapes[key]) * weight
-            deltas[key] = deltas[key] + delta if key in deltas else delta
-    return deltas
+            print(f"LoRA {Path(path).name} (weight {weight:g}): {len(found)} layers")
+        for key, layer in found.items():
+            layers.setdefault(key, []).append((layer, float(weight)))
+    return LoraDeltas(layers, shapes)
 
 
 class AppliedLoras:
@@ -210,11 +226,12 @@ class AppliedLoras:
         self._originals = originals
 
     def remove(self) -> None:
-        """Put back the tensors the LoRAs replaced (the same tensor objects, so bit for bit). Idempotent."""
+        """Put back the tensors the LoRAs replaced (the same tensor objects, so bit for bit; moved to where the
+        model's weights are now, should the model have moved since). Idempotent."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for key, original in self._originals.items():
-                params[key].data = original
+                params[key].data = original.to(device=params[key].device, dtype=params[key].dtype)
         self._originals = {}
 
     @property
@@ -233,10 +250,10 @@ def apply_loras(
     deltas = lora_deltas(loras, shapes, verbose=verbose)
     originals = {}
     with torch.no_grad():
-        for key, delta in deltas.items():
+        for key in deltas:
             original = params[key].data
             merged = torch.empty_like(original)
-            merged.copy_(original.float() + delta.to(original.device))
+            merged.copy_(original.float() + deltas[key].to(original.device))
             params[key].data = merged
             originals[key] = original
     return AppliedLoras(model, [(str(p), float(w)) for p, w in loras], originals)

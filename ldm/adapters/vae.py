@@ -86,10 +86,11 @@ class AppliedVae:
         self.model, self.path, self._originals = model, path, originals
 
     def remove(self) -> None:
+        """Put the replaced tensors back (moved to where the model's weights are now). Idempotent."""
         tensors = _tensors(self.model)
         with torch.no_grad():
             for key, original in self._originals.items():
-                tensors[key].data = original
+                tensors[key].data = original.to(device=tensors[key].device, dtype=tensors[key].dtype)
         self._originals = {}
 
 
