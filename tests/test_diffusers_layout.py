@@ -82,3 +82,32 @@ def test_configs_round_trip_through_diffusers_json(tmp_path, path):
     assert {k: back.first_stage_config.params.ddconfig.get(k) for k in ddconfig} == ddconfig
     text = (p.cond_stage_config.get("params") or {}).get("text_model_config") or {}
     assert dict((back.cond_stage_config.get("params") or {}).get("text_model_config") or {}) == dict(text)
+
+
+def test_folder_with_bin_weights_and_old_attention_names_reads_back(tmp_path):
+    """Older diffusers folders: pickled `.bin` weights (read with the allow-list) and the autoencoder attention
+    named query/key/value/proj_attn (diffusers < 0.14)."""
+    import safetensors.torch
+    from adapters_common import tiny_model
+
+    from ldm.adapters.diffusers_layout import read_diffusers_folder, write_diffusers_folder
+
+    model, config = tiny_model()
+    folder = tmp_path / "pipeline"
+    write_diffusers_folder(folder, model.state_dict(), config)
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(safetensors.torch.load_file(unet), unet.with_suffix(".bin"))
+    unet.unlink()
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    old_names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, value in safetensors.torch.load_file(vae).items():
+        for new, old in old_names.items():
+            key = key.replace(f"attentions.0.{new}.", f"attentions.0.{old}.")
+        renamed[key] = value
+    assert any(".query." in k for k in renamed)
+    safetensors.torch.save_file(renamed, vae)
+    state, _ = read_diffusers_folder(folder)
+    original = model.state_dict()
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], original[k]) for k in original)
