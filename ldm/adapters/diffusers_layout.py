@@ -200,10 +200,7 @@ class KeyMap:
             if key.endswith("embeddings.position_ids"):
                 return None
             return PREFIXES[component] + (key if key.startswith("text_model.") else f"text_model.{key}")
-        if component == "vae":
-            for old, new in _OLD_VAE_ATTENTION.items():
-                key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
-        renamed = _rename(key, self._from[component])
+        renamed = _rename(_new_vae_name(key) if component == "vae" else key, self._from[component])
         return None if renamed is None else PREFIXES[component] + renamed
 
 
@@ -222,6 +219,7 @@ def from_diffusers_tensor(component: str, key: str, value: torch.Tensor) -> torc
 
 
 def _new_vae_name(key: str) -> str:
+    """A diffusers autoencoder key with the attention names of diffusers < 0.14 updated."""
     for old, new in _OLD_VAE_ATTENTION.items():
         key = key.replace(f".attentions.0.{old}.", f".attentions.0.{new}.")
     return key
@@ -527,10 +525,9 @@ def write_diffusers_folder(
             specs = {}
             for theirs, ours in keys.items():
                 spec = spec_of(weights, ours)
-                shape = to_diffusers_tensor(ours, torch.empty(spec.shape, device="meta")).shape
-                specs[theirs] = TensorSpec(
-                    dtype if dtype and spec.dtype.is_floating_point else spec.dtype, shape
-                )
+                shape = tuple(to_diffusers_tensor(ours, torch.empty(spec.shape, device="meta")).shape)
+                cast = dtype is not None and spec.dtype.is_floating_point
+                specs[theirs] = TensorSpec(dtype if cast else spec.dtype, shape)
 
             def tensor(
                 theirs: str, keys: dict[str, str] = keys, specs: dict[str, TensorSpec] = specs

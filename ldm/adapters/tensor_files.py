@@ -8,10 +8,12 @@ written header first, then tensor after tensor, to a temporary name that replace
 """
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -33,20 +35,15 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """What a tensor will be, known before its values: dtype and shape."""
 
-    __slots__ = ("dtype", "shape")
-
-    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]):
-        self.dtype, self.shape = dtype, tuple(shape)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class TensorFile(Mapping):
@@ -66,7 +63,7 @@ class TensorFile(Mapping):
             self.specs = self._read_header()
         else:
             self._state, _ = read_state_dict(self.path)
-            self.specs = {k: TensorSpec(v.dtype, v.shape) for k, v in self._state.items()}
+            self.specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in self._state.items()}
 
     def _read_header(self) -> dict[str, TensorSpec]:
         if not self.path.is_file():
