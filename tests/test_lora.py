@@ -203,6 +203,17 @@ def test_lora_for_another_architecture_is_one_line_error(base, tmp_path):
     )
     with pytest.raises(UserError, match="does not fit this model"):
         apply_loras(model, [(wide, 1.0)], verbose=False)
+    kernel = tmp_path / "kernel.safetensors"  # a 3x3 LoCon pair for a 1x1 projection
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    safetensors.torch.save_file(
+        {
+            f"{name}.lora_down.weight": torch.zeros(4, 32, 3, 3),
+            f"{name}.lora_up.weight": torch.zeros(32, 4, 1, 1),
+        },
+        kernel,
+    )
+    with pytest.raises(UserError, match="cannot add to"):
+        apply_loras(model, [(kernel, 1.0)], verbose=False)
     truncated = tmp_path / "truncated.safetensors"
     random_kohya_lora(model, truncated, seed=6)
     truncated.write_bytes(truncated.read_bytes()[:-100])

@@ -89,17 +89,26 @@ class LoraLayer:
     up: torch.Tensor
     alpha: float | None = None
 
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """The down projection's spatial kernel: () for linear and 1x1 layers, (kh, kw) for LoCon convs."""
+        return tuple(self.down.shape[2:]) if self.down.ndim == 4 and self.down.shape[2:] != (1, 1) else ()
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """Whether the delta has the shape of a weight of `shape` ([out, in] or [out, in, kh, kw])."""
+        out, rank, inputs = self.up.shape[0], self.down.shape[0], self.down.shape[1]
+        kernel_ok = tuple(shape[2:]) == self.kernel if self.kernel else all(k == 1 for k in shape[2:])
+        return self.up.shape[1] == rank and (out, inputs) == tuple(shape[:2]) and kernel_ok
+
     def delta(self, shape: Sequence[int]) -> torch.Tensor:
-        """`alpha / rank * up @ down` in float32, shaped as the weight it adds to ([out, in] or [out, in, kh, kw])."""
+        """`alpha / rank * up @ down` in float32, shaped as the weight it adds to (see `fits`)."""
         down, up = self.down.float(), self.up.float()
         rank = down.shape[0]
         scale = (self.alpha if self.alpha is not None else rank) / rank
-        if down.ndim == 4 and down.shape[2:] != (1, 1):  # LoCon: a kxk down conv, a 1x1 up conv
+        if self.kernel:  # LoCon: a kxk down conv, then a 1x1 up conv
             product = torch.einsum("or,rihw->oihw", up.flatten(1), down)
         else:
             product = up.flatten(1) @ down.flatten(1)
-        if product.numel() != torch.Size(shape).numel():
-            raise ValueError(f"delta of shape {tuple(product.shape)}")
         return (product * scale).reshape(shape)
 
 
@@ -165,11 +174,11 @@ def read_lora(
             alpha, pattern = alphas[component]
             alpha = next((v for p, v in pattern.items() if name.endswith(p)), alpha)
         layer = LoraLayer(found["down"], found["up"], alpha)
-        expected = (layer.up.shape[0], layer.down.shape[1])
-        if expected != tuple(shapes[key][:2]) or layer.up.shape[1] != layer.down.shape[0]:
+        if not layer.fits(shapes[key]):
             raise UserError(
-                f"LoRA {path.name} does not fit this model: its layer {name} maps {expected[1]} -> {expected[0]} "
-                f"channels, the model's {key} is {tuple(shapes[key])} (a LoRA for another architecture?)"
+                f"LoRA {path.name} does not fit this model: its layer {name} (down {tuple(layer.down.shape)}, "
+                f"up {tuple(layer.up.shape)}) cannot add to {key} {tuple(shapes[key])} (a LoRA for another "
+                "architecture?)"
             )
         layers[key] = layer
     if not layers:
