@@ -21,5 +21,5 @@ setup(
         "open_clip_torch>=2.20",
         "ftfy>=6.1",
     ],
-    extras_require={"test": ["pytest>=8", "diffusers>=0.30", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8", "diffusers>=0.30", "peft>=0.13", "ruff>=0.6"]},
 )

@@ -51,11 +51,18 @@ SAFE_GLOBALS = [
 def read_state_dict(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read weights from `.ckpt`/`.pt`/`.pth` (allow-listed unpickling, memory-mapped) or `.safetensors`.
+    """Read weights from `.ckpt`/`.pt`/`.pth` (allow-listed unpickling, memory-mapped), `.safetensors`, or a
+    diffusers pipeline folder (mapped to this layout by ldm.adapters.diffusers_layout).
 
     Returns (state_dict, metadata) where metadata holds `global_step`/`epoch` when the file records them.
     """
     path = Path(path)
+    if path.is_dir():
+        from ldm.adapters.diffusers_layout import is_diffusers_folder, read_diffusers_folder
+
+        if not is_diffusers_folder(path):
+            raise CheckpointError(f"{path} is a folder without model_index.json: not a diffusers pipeline")
+        return read_diffusers_folder(path)[0], {}
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:

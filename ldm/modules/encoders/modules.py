@@ -107,9 +107,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-@functools.cache
-def builtin_clip_tokenizer() -> CLIPTokenizer:
-    """The exact CLIP BPE tokenizer (49,408 tokens) built offline from the merges file open_clip ships."""
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary (token -> id, 49,408 entries) and merge rules, from the merges file open_clip
+    ships (the source of the offline tokenizer, and of the tokenizer files a diffusers folder gets)."""
     package_dir = importlib.util.find_spec("open_clip").submodule_search_locations[0]
     with gzip.open(os.path.join(package_dir, "bpe_simple_vocab_16e6.txt.gz")) as f:
         lines = f.read().decode("utf-8").split("\n")
@@ -117,7 +117,14 @@ def builtin_clip_tokenizer() -> CLIPTokenizer:
     chars = list(_bytes_to_unicode().values())
     tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges)]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+@functools.cache
+def builtin_clip_tokenizer() -> CLIPTokenizer:
+    """The exact CLIP BPE tokenizer (49,408 tokens) built offline from the merges file open_clip ships."""
+    vocab, merges = clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def _local_hub_files(version: str) -> bool:
