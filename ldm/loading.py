@@ -102,9 +102,14 @@ def _unet_input_shape(ckpt: Path) -> tuple[int, ...] | None:
     if ckpt.suffix == ".safetensors":
         import safetensors
 
-        with safetensors.safe_open(ckpt, framework="pt") as f:
-            names = set(f.keys())
-            return tuple(f.get_slice(UNET_INPUT_KEY).get_shape()) if UNET_INPUT_KEY in names else None
+        from ldm.checkpoint import CheckpointError
+
+        try:
+            with safetensors.safe_open(ckpt, framework="pt") as f:
+                names = set(f.keys())
+                return tuple(f.get_slice(UNET_INPUT_KEY).get_shape()) if UNET_INPUT_KEY in names else None
+        except safetensors.SafetensorError as error:
+            raise CheckpointError(f"{ckpt} is not a readable .safetensors file ({error})") from None
     from ldm.checkpoint import read_state_dict
 
     weight = read_state_dict(ckpt)[0].get(UNET_INPUT_KEY)  # memory-mapped: no copy of the weights

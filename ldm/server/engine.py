@@ -32,6 +32,7 @@ class Engine:
         self.checkpoint: Checkpoint | None = None
         self.size_multiple = 8
         self._open(["--ckpt", ckpt] + (["--config", config] if config else []))
+        self.first = self.checkpoint  # the operator's choice: selectable wherever it lies
 
     @property
     def opt(self) -> argparse.Namespace:
@@ -41,8 +42,8 @@ class Engine:
     def checkpoints(self) -> list[Checkpoint]:
         """The listed checkpoints, and the one the operator started with wherever it lies."""
         listed = list_checkpoints(self.models_dir / "ldm")
-        if self.checkpoint is not None and all(c.path != self.checkpoint.path for c in listed):
-            listed.append(self.checkpoint)
+        if all(c.path != self.first.path for c in listed):
+            listed.append(self.first)
         return listed
 
     def find(self, value: str) -> Checkpoint | None:
@@ -53,15 +54,24 @@ class Engine:
         return self.checkpoint.title(self.session.model_hash)
 
     def load(self, checkpoint: Checkpoint) -> None:
-        """Replace the model with `checkpoint`'s (the previous one is released first)."""
-        name = bundled_name(checkpoint.path)
-        config = checkpoint.config or (Path(self.config) if self.config else None)
-        args = ["--ckpt", name or str(checkpoint.path)]
-        if config is not None and name is None:
-            args += ["--config", str(config)]
+        """Replace the model with `checkpoint`'s (the previous one is released first, and loaded again if the
+        new one fails to load)."""
+        previous = self.checkpoint
         self.session = None
         gc.collect()
-        self._open(args)
+        try:
+            self._open(self._flags(checkpoint))
+        except Exception:
+            self._open(self._flags(previous))
+            raise
+
+    def _flags(self, checkpoint: Checkpoint) -> list[str]:
+        """--ckpt and --config of a checkpoint: a bundled model by its name (its sizes and scale then apply)."""
+        name = bundled_name(checkpoint.path)
+        if name is not None:
+            return ["--ckpt", name]
+        config = checkpoint.config or (Path(self.config) if self.config else None)
+        return ["--ckpt", str(checkpoint.path)] + (["--config", str(config)] if config else [])
 
     def _open(self, args: list[str]) -> None:
         from ldm.pipeline import open_session

@@ -181,46 +181,52 @@ class Result:
     interrupted: bool
 
 
+def renderer(plan: Plan, view: Any, size_multiple: int) -> tuple[Any, int, Any, dict]:
+    """(render, the steps it reports, what runs on each finished image or None, the metadata it adds) for the
+    request's script, as scripts/txt2img.py, img2img.py and inpaint.py set them up. Call inside `view.scope()`."""
+    from ldm.image_input import fit_size, image_to_tensor, mask_to_tensor, resize_image, resize_mask
+    from ldm.pipeline import img2img_render, img2img_steps, inpaint_render, txt2img_render
+
+    opt = view.opt
+    if plan.script == "txt2img":
+        return txt2img_render(view), opt.ddim_steps, None, {}
+    size = (opt.W, opt.H)
+    source = resize_image(plan.image, size)
+    model_size = fit_size(*size, size_multiple)
+    x = image_to_tensor(resize_image(source, model_size))
+    extra = {"width": opt.W, "height": opt.H}
+    if plan.script == "img2img":
+        t_enc = img2img_steps(view, opt.strength)
+        return img2img_render(view, x, size, t_enc), t_enc, None, extra
+    mask = resize_mask(plan.mask, size)
+    render = inpaint_render(view, x, mask_to_tensor(resize_mask(mask, model_size)), size)
+
+    def paste_back(result: Image.Image) -> Image.Image:
+        """The result where the mask is white, the input's own pixels elsewhere."""
+        return Image.composite(result, source, mask)
+
+    return render, opt.ddim_steps, paste_back, {**extra, "inpainting": "masked sampling"}
+
+
 def run(plan: Plan, engine: Engine, job: Job, save_outputs: bool) -> Result:
     """Render the request's batches on the model's thread (`job` counts the steps and stops on interrupt or
     skip); with `save_outputs`, write every image as the CLI does."""
-    from ldm.image_input import fit_size, image_to_tensor, mask_to_tensor, resize_image, resize_mask
     from ldm.models.diffusion.registry import make_sampler
     from ldm.outputs import NumberedFolder
-    from ldm.pipeline import img2img_render, img2img_steps, inpaint_render, render_batch, txt2img_render
+    from ldm.pipeline import render_batch
 
     session = engine.session
     opt = request_options(plan, session.opt)
-    view = dataclasses.replace(
-        session, opt=opt, sampler=make_sampler(opt.sampler, session.model), uc_cache={}
-    )
+    sampler = make_sampler(opt.sampler, session.model)
+    view = dataclasses.replace(session, opt=opt, sampler=sampler, uc_cache={})
     folder = Path(opt.outdir)
-    if save_outputs and plan.image is not None:
+    if save_outputs and plan.image is not None:  # the re-make command then names the input files
         opt.init_img = str(NumberedFolder(folder / "inputs").save(plan.image).resolve())
         if plan.mask is not None:
             opt.mask = str(NumberedFolder(folder / "inputs").save(plan.mask).resolve())
-    extra, finish, steps = {}, None, opt.ddim_steps
     result = Result([], [], [], opt, interrupted=False)
     with view.scope():
-        if plan.script == "txt2img":
-            render = txt2img_render(view)
-        else:
-            size = (opt.W, opt.H)
-            image = resize_image(plan.image, size)
-            model_size = fit_size(*size, engine.size_multiple)
-            x = image_to_tensor(resize_image(image, model_size))
-            extra = {"width": opt.W, "height": opt.H}
-            if plan.script == "img2img":
-                steps = img2img_steps(view, opt.strength)
-                render = img2img_render(view, x, size, steps)
-            else:
-                mask = resize_mask(plan.mask, size)
-                render = inpaint_render(view, x, mask_to_tensor(resize_mask(mask, model_size)), size)
-                extra["inpainting"] = "masked sampling"
-
-                def finish(result: Image.Image) -> Image.Image:
-                    return Image.composite(result, image, mask)
-
+        render, steps, finish, extra = renderer(plan, view, engine.size_multiple)
         for index in range(opt.n_iter):
             job.batch = index
             job.start_batch(steps)
