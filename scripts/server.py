@@ -5,8 +5,15 @@ models/ldm/stable-diffusion-v1/model.ckpt, or the bundled `shapes` model when th
 the network and then needs `--api-auth user:pass` (or `--insecure`).
 """
 
+from collections.abc import Sequence
+
 from ldm.cli import run_cli
-from ldm.server.launch import main
+from ldm.server.launch import serve
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    serve(argv, __doc__)
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -1,7 +1,6 @@
 """The model in memory: the loaded session, the checkpoint it came from, and switching to another listed
 checkpoint. Only the worker thread calls `load` after start-up."""
 
-import argparse
 import gc
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,11 +32,6 @@ class Engine:
         self.size_multiple = 8
         self._open(["--ckpt", ckpt] + (["--config", config] if config else []))
         self.first = self.checkpoint  # the operator's choice: selectable wherever it lies
-
-    @property
-    def opt(self) -> argparse.Namespace:
-        """The model's default options (its size and guidance scale), copied for each request."""
-        return self.session.opt
 
     def checkpoints(self) -> list[Checkpoint]:
         """The listed checkpoints, and the one the operator started with wherever it lies."""

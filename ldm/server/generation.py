@@ -55,10 +55,6 @@ class Plan:
     image: Image.Image | None = None
     mask: Image.Image | None = None
 
-    @property
-    def images(self) -> int:
-        return self.request.batch_size * self.request.n_iter
-
 
 def display_name(name: str) -> str:
     """A sampler's A1111 display name: its first alias, else its registry name."""
@@ -70,66 +66,77 @@ def schedulers() -> tuple[str, ...]:
     return tuple(getattr(registry, "SCHEDULERS", ()))
 
 
-def _check(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise RequestError(field, message)
+def _first_problem(checks: list[tuple[bool, str, str]]) -> None:
+    """Raise RequestError for the first (ok, field, message) that is not ok."""
+    for ok, field, message in checks:
+        if not ok:
+            raise RequestError(field, message)
+
+
+def _size_checks(request: Txt2ImgRequest, multiple: int, max_size: int) -> list[tuple[bool, str, str]]:
+    checks = []
+    for field in ("width", "height"):
+        side = getattr(request, field)
+        if side is not None:
+            lower = max(multiple, side // multiple * multiple)
+            checks += [
+                (0 < side <= max_size, field, f"must be between {multiple} and --max-size {max_size}"),
+                (
+                    side % multiple == 0,
+                    field,
+                    f"must be a multiple of {multiple}: use {lower} or {lower + multiple}",
+                ),
+            ]
+    return checks
+
+
+def _decoded(data: str, field: str, max_side: int) -> Image.Image:
+    try:
+        return decode_image(data, field, max_side)
+    except ImageError as error:
+        raise RequestError(field.split("[")[0], str(error)) from None
 
 
 def plan(request: Txt2ImgRequest, engine: Engine, limits: Limits) -> Plan:
     """Check every value against the limits and the model, decode the images; RequestError on the first
     problem. Nothing here touches the model."""
     r = request
-    _check(1 <= r.steps <= limits.max_steps, "steps", f"must be between 1 and --max-steps {limits.max_steps}")
-    _check(
-        1 <= r.batch_size <= limits.max_batch,
-        "batch_size",
-        f"must be between 1 and --max-batch {limits.max_batch}",
-    )
-    _check(r.n_iter >= 1, "n_iter", "must be at least 1")
-    _check(r.batch_size * r.n_iter <= limits.max_images, "n_iter",
-           f"batch_size * n_iter must be at most --max-images {limits.max_images}")  # fmt: skip
-    _check(r.seed == -1 or 0 <= r.seed <= MAX_SEED - r.batch_size * r.n_iter, "seed", "must be -1 or >= 0")
-    multiple = engine.size_multiple
-    for field in ("width", "height"):
-        side = getattr(r, field)
-        if side is None:
-            continue
-        _check(
-            0 < side <= limits.max_size, field, f"must be between {multiple} and --max-size {limits.max_size}"
-        )
-        lower = max(multiple, side // multiple * multiple)
-        _check(side % multiple == 0, field,
-               f"must be a multiple of {multiple} for this model: use {lower} or {lower + multiple}")  # fmt: skip
-    for field in ("cfg_scale", "eta"):
-        value = getattr(r, field)
-        _check(value is None or math.isfinite(value), field, "must be a finite number")
-    _check(r.eta is None or r.eta >= 0, "eta", "must be >= 0")
-    field = "sampler_name" if r.sampler_name else "sampler_index"
+    _first_problem([
+        (1 <= r.steps <= limits.max_steps, "steps", f"must be between 1 and --max-steps {limits.max_steps}"),
+        (1 <= r.batch_size <= limits.max_batch, "batch_size", f"must be between 1 and --max-batch {limits.max_batch}"),
+        (r.n_iter >= 1, "n_iter", "must be at least 1"),
+        (r.batch_size * r.n_iter <= limits.max_images, "n_iter",
+         f"batch_size * n_iter must be at most --max-images {limits.max_images}"),
+        (r.seed == -1 or 0 <= r.seed <= MAX_SEED - r.batch_size * r.n_iter, "seed", "must be -1 or >= 0"),
+        *_size_checks(r, engine.size_multiple, limits.max_size),
+        (r.cfg_scale is None or math.isfinite(r.cfg_scale), "cfg_scale", "must be a finite number"),
+        (r.eta is None or (math.isfinite(r.eta) and r.eta >= 0), "eta", "must be a finite number >= 0"),
+        (r.scheduler in (None, "", "Automatic", *schedulers()), "scheduler",
+         f"unknown scheduler: choose one of {', '.join(('Automatic', *schedulers()))}"),
+    ])  # fmt: skip
     try:
         sampler = registry.canonical_name(r.sampler_name or r.sampler_index or "ddim")
     except ValueError as error:
-        raise RequestError(field, str(error)) from None
-    choices = schedulers()
-    _check(r.scheduler in (None, "", "Automatic", *choices), "scheduler",
-           f"unknown scheduler: choose one of {', '.join(('Automatic', *choices))}")  # fmt: skip
+        raise RequestError("sampler_name" if r.sampler_name else "sampler_index", str(error)) from None
     if not isinstance(r, Img2ImgRequest):
         return Plan("txt2img", r, sampler)
 
-    _check(0.0 <= r.denoising_strength <= 1.0, "denoising_strength", "must be between 0 and 1")
-    _check(len(r.init_images) > 0, "init_images", "needs an image (base64)")
     from ldm.image_input import binary_mask, rgb_image
 
-    try:
-        image = rgb_image(decode_image(r.init_images[0], "init_images[0]", limits.max_size))
-        mask = None if not r.mask else binary_mask(decode_image(r.mask, "mask", limits.max_size))
-    except ImageError as error:
-        raise RequestError("mask" if str(error).startswith("mask") else "init_images", str(error)) from None
-    if mask is None:
+    _first_problem([
+        (0.0 <= r.denoising_strength <= 1.0, "denoising_strength", "must be between 0 and 1"),
+        (len(r.init_images) > 0, "init_images", "needs an image (base64)"),
+    ])  # fmt: skip
+    image = rgb_image(_decoded(r.init_images[0], "init_images[0]", limits.max_size))
+    if not r.mask:
         return Plan("img2img", r, sampler, image)
-    _check(mask.size == image.size, "mask",
-           f"is {mask.width}x{mask.height} but the image is {image.width}x{image.height}: make them the same size")  # fmt: skip
-    _check(registry.sampler_class(sampler).supports_mask, "sampler_name",
-           f"{sampler} cannot do masked sampling, which inpainting needs: use ddim or plms")  # fmt: skip
+    mask = binary_mask(_decoded(r.mask, "mask", limits.max_size))
+    _first_problem([
+        (mask.size == image.size, "mask",
+         f"is {mask.width}x{mask.height} but the image is {image.width}x{image.height}: make them the same size"),
+        (registry.sampler_class(sampler).supports_mask, "sampler_name",
+         f"{sampler} cannot do masked sampling, which inpainting needs: use ddim or plms"),
+    ])  # fmt: skip
     return Plan("inpaint", r, sampler, image, mask)
 
 

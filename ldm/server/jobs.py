@@ -20,7 +20,7 @@ class Skipped(Exception):
     """Raised from a sampler step callback: drop the current batch, go on with the next."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, whatever its fields
 class Job:
     """A unit of work for the model's thread: `run(job)` returns the result that `future` delivers."""
 
@@ -60,7 +60,7 @@ class Worker:
     """The model's thread and its queue (FIFO, unbounded: no request is dropped)."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job] = queue.Queue()
         self._waiting: list[Job] = []  # in arrival order, for queue positions
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -78,7 +78,8 @@ class Worker:
         return job
 
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while True:
+            job = self._queue.get()
             with self._lock:
                 self._waiting.remove(job)
                 self.current = job
@@ -90,11 +91,6 @@ class Worker:
             finally:
                 with self._lock:
                     self.current = None
-
-    def stop(self) -> None:
-        """Finish the queued jobs, then end the thread."""
-        self._queue.put(None)
-        self._thread.join()
 
     def pending(self) -> int:
         with self._lock:

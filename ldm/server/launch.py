@@ -20,8 +20,8 @@ def default_ckpt() -> str:
     return DEFAULT_CKPT if resolve_path(DEFAULT_CKPT).is_file() else "shapes"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(description=__doc__, formatter_class=HelpFormatter)
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    parser = OneLineParser(description=description, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to serve on")
     add("--port", type=int, default=7860, help="port to serve on")
@@ -72,8 +72,9 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def serve(argv: Sequence[str] | None = None, description: str | None = None) -> None:
+    """Parse the server's flags, check them, load the model and serve until stopped."""
+    args = build_parser(description).parse_args(argv)
     host = "0.0.0.0" if args.listen else args.host
     if not is_loopback(host) and not args.api_auth and not args.insecure:
         raise UserError(
