@@ -361,3 +361,13 @@ def test_listen_needs_auth():
                              text=True, timeout=60)  # fmt: skip
         assert run.returncode == 2
         assert run.stderr.count("\n") == 1 and "--api-auth" in run.stderr and "--insecure" in run.stderr
+
+
+def test_an_unreadable_safetensors_file_is_a_user_error(models_dir):
+    """What the broken model above meets in ldm.loading: one line naming the file, not a traceback."""
+    from ldm.errors import UserError
+    from ldm.loading import load_config, load_model
+
+    broken = models_dir / "ldm" / "broken" / "model.safetensors"
+    with pytest.raises(UserError, match="not a readable .safetensors file"):
+        load_model(load_config(str(SHAPES.config)), broken, "cpu")

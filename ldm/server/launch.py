@@ -4,7 +4,6 @@ uvicorn serving the app."""
 import argparse
 import ipaddress
 from collections.abc import Sequence
-from pathlib import Path
 
 from ldm.cli import FLAGS, HelpFormatter, OneLineParser
 from ldm.errors import UserError
@@ -97,6 +96,6 @@ def serve(argv: Sequence[str] | None = None, description: str | None = None) -> 
         raise UserError(str(error)) from None
     limits = Limits(args.max_size, args.max_batch, args.max_images, args.max_steps)
     settings = Settings(limits, credentials, int(args.max_body_mb * 2**20), args.save_outputs)
-    engine = Engine(Path(args.models_dir), model_flags(args), args.ckpt, args.config)
+    engine = Engine(resolve_path(args.models_dir), model_flags(args), args.ckpt, args.config)
     print(f"model {engine.title()} loaded; serving on http://{host}:{args.port}/")
     uvicorn.run(create_app(engine, settings), host=host, port=args.port, log_level="warning")
