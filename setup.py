@@ -20,6 +20,10 @@ setup(
         "safetensors>=0.4",
         "open_clip_torch>=2.20",
         "ftfy>=6.1",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pydantic>=2.6",
     ],
-    extras_require={"test": ["pytest>=8", "diffusers>=0.30", "peft>=0.13", "ruff>=0.6"]},
+    package_data={"ldm.server": ["static/*"]},
+    extras_require={"test": ["pytest>=8", "diffusers>=0.30", "peft>=0.13", "ruff>=0.6", "httpx>=0.27", "selenium>=4.20"]},
 )

@@ -66,9 +66,19 @@ def _flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Imag
     return image.convert("RGB")
 
 
+def rgb_image(image: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB, transparency composited on white (what `load_image` returns)."""
+    return _flatten(image, background=(255, 255, 255))
+
+
+def binary_mask(mask: Image.Image) -> Image.Image:
+    """A decoded mask as a binary "L" image: 255 (repaint) where its gray level is >= 128, transparent = keep."""
+    return _flatten(mask, background=(0, 0, 0)).convert("L").point(lambda v: 255 if v >= 128 else 0)
+
+
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, flag: str = "--init-img") -> Image.Image:
     """The image at `path` as 8-bit RGB, transparency composited on white."""
-    return _flatten(open_image(path, flag, max_pixels), background=(255, 255, 255))
+    return rgb_image(open_image(path, flag, max_pixels))
 
 
 def load_mask(
@@ -77,13 +87,13 @@ def load_mask(
     """The mask at `path` as a binary "L" image (255 = repaint where its gray level is >= 128, 0 = keep).
 
     It must be `size` (width, height), the size of the image it masks."""
-    mask = _flatten(open_image(path, flag, max_pixels), background=(0, 0, 0)).convert("L")
+    mask = binary_mask(open_image(path, flag, max_pixels))
     if mask.size != size:
         raise UserError(
             f"{flag} {path} is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}: "
             "make the mask the same size as the image"
         )
-    return mask.point(lambda v: 255 if v >= 128 else 0)
+    return mask
 
 
 def fit_size(width: int, height: int, multiple: int) -> tuple[int, int]:
