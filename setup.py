@@ -21,5 +21,15 @@ setup(
         "open_clip_torch>=2.20",
         "ftfy>=6.1",
     ],
-    extras_require={"test": ["pytest>=8", "diffusers>=0.30", "ruff>=0.6"]},
+    extras_require={
+        "eval": ["matplotlib>=3.7", "scipy>=1.10"],
+        "test": [
+            "pytest>=8",
+            "diffusers>=0.30",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "scipy>=1.10",
+            "torchmetrics>=1.0",
+        ],
+    },
 )
