@@ -35,6 +35,12 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reference", default=None, help="folder of reference images for FID (none: no FID)")
     parser.add_argument(
+        "--reference_size",
+        type=int,
+        default=None,
+        help="center-crop and resize the reference images to this square size (sets of mixed sizes, e.g. COCO)",
+    )
+    parser.add_argument(
         "--shapes_reference",
         type=int,
         default=0,
@@ -87,9 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(
             f"{len(opt.sweeps)} sweeps but {len(labels)} labels: pass one --labels entry per sweep"
         )
-    device = torch.device(
-        "cuda" if opt.device == "auto" and torch.cuda.is_available() else opt.device.replace("auto", "cpu")
-    )
+    if opt.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(opt.device)
 
     extractor = reference = None
     if opt.reference:
@@ -99,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
             InceptionV3Features(opt.inception) if opt.features == "inception" else RandomConvFeatures()
         )
         extractor = extractor.to(device)
-        reference = reference_stats(opt.reference, extractor, opt.stats_cache or None, opt.batch_size)
+        reference = reference_stats(
+            opt.reference, extractor, opt.stats_cache or None, opt.batch_size, opt.reference_size
+        )
         print(f"reference: {reference.n} images under {opt.reference} ({extractor.name} features)")
     clip = None if opt.no_clip else ClipEmbedder(opt.clip or DEFAULT_CLIP, device)
 

@@ -19,6 +19,7 @@ from ldm.evaluation import features as features_module
 from ldm.evaluation.clip_score import ClipEmbedder, clip_score
 from ldm.evaluation.features import InceptionV3Features, RandomConvFeatures
 from ldm.evaluation.fid import FeatureStats, feature_stats, fid_from_stats, frechet_distance, reference_stats
+from ldm.evaluation.images import load_images
 
 _spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
 evaluate_script = importlib.util.module_from_spec(_spec)
@@ -234,3 +235,21 @@ def test_evaluate_script_writes_csv_and_plot(tmp_path):
     assert rows[0]["clip_score"] == ""
     with Image.open(out / "fid_vs_shape_adherence.png") as plot:
         assert plot.size == (550, 400)
+
+
+def test_reference_images_of_mixed_sizes_need_a_size(tmp_path):
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(folder / "wide.png")
+    Image.new("RGB", (20, 50), (0, 0, 255)).save(folder / "tall.bmp")
+    extractor = RandomConvFeatures(num_features=8)
+    with pytest.raises(UserError, match="--reference_size"):
+        reference_stats(folder, extractor, None)
+    stats = reference_stats(folder, extractor, tmp_path / "cache", size=16)
+    assert stats.n == 2
+    assert [p.name.split("-")[3] for p in (tmp_path / "cache").iterdir()] == [
+        "16px"
+    ]  # random_conv-8-seed0-16px-...
+    images = load_images(sorted(folder.iterdir()), size=16)
+    assert images.shape == (2, 3, 16, 16)
+    assert images[0, :, 8, 8].tolist() == [0, 0, 255] and images[1, :, 8, 8].tolist() == [255, 0, 0]

@@ -88,18 +88,24 @@ def files_hash(paths: Iterable[Path], root: Path) -> str:
 
 
 def reference_stats(
-    folder: str | Path, extractor: torch.nn.Module, cache_dir: str | Path | None, batch_size: int = 32
+    folder: str | Path,
+    extractor: torch.nn.Module,
+    cache_dir: str | Path | None,
+    batch_size: int = 32,
+    size: int | None = None,
 ) -> FeatureStats:
-    """Feature statistics of every image under `folder`, from `cache_dir` when this extractor has seen these
-    exact files before (their content hash), else computed and stored there."""
+    """Feature statistics of every image under `folder` (center-cropped and resized to `size` when given),
+    from `cache_dir` when this extractor has seen these exact files before (their content hash), else
+    computed and stored there."""
     folder = Path(folder)
     paths = image_files(folder)
     cache = None
     if cache_dir is not None:
-        cache = Path(cache_dir) / f"{extractor.name}-{files_hash(paths, folder)}.npz"
+        resize = f"-{size}px" if size else ""
+        cache = Path(cache_dir) / f"{extractor.name}{resize}-{files_hash(paths, folder)}.npz"
         if cache.is_file():
             return FeatureStats.load(cache)
-    stats = feature_stats(extractor, batches(paths, batch_size))
+    stats = feature_stats(extractor, batches(paths, batch_size, size))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f".{cache.stem}.tmp.npz")

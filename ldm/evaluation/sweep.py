@@ -334,8 +334,9 @@ class SweepModule(pl.LightningModule):
 
     def on_predict_end(self) -> None:
         self.progress.close()
-        stats = torch.tensor([float(self.n_images), self.seconds], dtype=torch.float64)
-        gathered = self.trainer.strategy.all_gather(stats).reshape(-1, 2)  # [world_size, 2], on every rank
+        stats = torch.tensor([float(self.n_images), self.seconds], dtype=torch.float64, device=self.device)
+        # [world_size, 2], on every rank
+        gathered = self.trainer.strategy.all_gather(stats).reshape(-1, 2).cpu()
         if self.trainer.global_rank != 0:
             return
         report_throughput(gathered.tolist())
