@@ -121,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     print((out / "metrics.csv").read_text(), end="")
     x = opt.x or ("clip_score" if clip is not None else "shape_adherence")
     if reference is not None:
-        plot_curves(results, out / f"fid_vs_{x}.png", x=x, y="fid", title=opt.title)
+        fid_label = "FID" if opt.features == "inception" else f"FID ({extractor.name} features)"
+        plot_curves(
+            results, out / f"fid_vs_{x}.png", x=x, y="fid", title=opt.title, axis_labels={"fid": fid_label}
+        )
         print(f"plot: {out / f'fid_vs_{x}.png'}")
 
 

@@ -234,7 +234,7 @@ def test_evaluate_script_writes_csv_and_plot(tmp_path):
     assert rows[0]["fid"] == rows[1]["fid"] and float(rows[0]["fid"]) > 0  # the same images at both scales
     assert rows[0]["clip_score"] == ""
     with Image.open(out / "fid_vs_shape_adherence.png") as plot:
-        assert plot.size == (550, 400)
+        assert plot.size == (600, 420)
 
 
 def test_reference_images_of_mixed_sizes_need_a_size(tmp_path):

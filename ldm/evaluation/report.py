@@ -131,15 +131,22 @@ def write_csv(results: Sequence[ScaleResult], path: str | Path) -> None:
 
 
 def plot_curves(
-    results: Sequence[ScaleResult], path: str | Path, x: str = "clip_score", y: str = "fid", title: str = ""
+    results: Sequence[ScaleResult],
+    path: str | Path,
+    x: str = "clip_score",
+    y: str = "fid",
+    title: str = "",
+    axis_labels: dict[str, str] | None = None,
 ) -> None:
-    """`y` against `x` over the scales, one line per label, each point annotated with its scale (PNG)."""
+    """`y` against `x` over the scales, one line per label, each point annotated with its scale (PNG).
+    `axis_labels` overrides METRIC_LABELS, e.g. to name the features of an FID."""
+    names = METRIC_LABELS | (axis_labels or {})
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=100)
     by_label = defaultdict(list)
     for result in results:
         by_label[result.label].append(result)
@@ -150,15 +157,13 @@ def plot_curves(
             if getattr(p, x) is not None and getattr(p, y) is not None
         ]
         if not points:
-            raise UserError(
-                f"no {METRIC_LABELS[x]} or {METRIC_LABELS[y]} for {label}: choose measured metrics to plot"
-            )
+            raise UserError(f"no {names[x]} or {names[y]} for {label}: choose measured metrics to plot")
         xs, ys = [getattr(p, x) for p in points], [getattr(p, y) for p in points]
         ax.plot(xs, ys, marker="o", label=label)
         for p, px, py in zip(points, xs, ys, strict=True):
             ax.annotate(f"{p.scale:g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(METRIC_LABELS[x])
-    ax.set_ylabel(METRIC_LABELS[y])
+    ax.set_xlabel(names[x])
+    ax.set_ylabel(names[y])
     ax.set_title(title or f"{METRIC_LABELS[y]} vs {METRIC_LABELS[x]} over guidance scales", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
