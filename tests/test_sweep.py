@@ -118,6 +118,25 @@ def test_two_processes_write_the_same_files(prompt_file, one_process, tmp_path):
     assert files(out) == one_process
 
 
+@pytest.mark.slow
+def test_torchrun_writes_the_same_files(prompt_file, one_process, tmp_path):
+    out = tmp_path / "sweep"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+    ]
+    command = torchrun + sweep_command(prompt_file, out, "--devices", "2", "--strategy", "ddp")[1:]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files(out) == one_process
+
+
 def test_killed_run_resumes_to_the_same_files(prompt_file, one_process, tmp_path):
     out = tmp_path / "sweep"
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
