@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("steps", "n_images", "batch_size", "devices", "num_nodes"):
         if getattr(opt, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if opt.n_prompts is not None and opt.n_prompts < 1:
+        raise UserError("--n_prompts must be at least 1")
     prompts = load_prompts(opt.prompts)[: opt.n_prompts]
     try:
         config_path, ckpt_path = resolve_model(opt.ckpt, opt.config or (None if bundled else DEFAULT_CONFIG))

@@ -318,6 +318,7 @@ class SweepModule(pl.LightningModule):
             write_atomically(
                 folder / MANIFEST, _jsonl(shard_rows(self.prompts, settings, batch.scale, batch.shard))
             )
+        return len(batch.entries)
 
     def image_parameters(self, row: dict) -> dict:
         """The generation parameters stored in each PNG's text chunk."""
@@ -334,7 +335,7 @@ class SweepModule(pl.LightningModule):
 
     def on_predict_end(self) -> None:
         self.progress.close()
-        stats = torch.tensor([float(self.n_images), self.seconds], dtype=torch.float64, device=self.device)
+        stats = torch.tensor([float(self.n_images), self.seconds], device=self.device)
         # [world_size, 2], on every rank
         gathered = self.trainer.strategy.all_gather(stats).reshape(-1, 2).cpu()
         if self.trainer.global_rank != 0:
