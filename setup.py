@@ -25,5 +25,18 @@ setup(
         "pydantic>=2.6",
     ],
     package_data={"ldm.server": ["static/*"]},
-    extras_require={"test": ["pytest>=8", "diffusers>=0.30", "peft>=0.13", "ruff>=0.6", "httpx>=0.27", "selenium>=4.20"]},
+    extras_require={
+        "eval": ["matplotlib>=3.7", "scipy>=1.10"],
+        "test": [
+            "pytest>=8",
+            "diffusers>=0.30",
+            "peft>=0.13",
+            "ruff>=0.6",
+            "httpx>=0.27",
+            "selenium>=4.20",
+            "matplotlib>=3.7",
+            "scipy>=1.10",
+            "torchmetrics>=1.0",
+        ],
+    },
 )
