@@ -51,18 +51,12 @@ SAFE_GLOBALS = [
 def read_state_dict(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read weights from `.ckpt`/`.pt`/`.pth` (allow-listed unpickling, memory-mapped), `.safetensors`, or a
-    diffusers pipeline folder (mapped to this layout by ldm.adapters.diffusers_layout).
+    """Read weights from `.ckpt`/`.pt`/`.pth` (allow-listed unpickling, memory-mapped) or `.safetensors`
+    (diffusers pipeline folders: ldm.adapters.diffusers_layout.read_diffusers_folder).
 
     Returns (state_dict, metadata) where metadata holds `global_step`/`epoch` when the file records them.
     """
     path = Path(path)
-    if path.is_dir():
-        from ldm.adapters.diffusers_layout import is_diffusers_folder, read_diffusers_folder
-
-        if not is_diffusers_folder(path):
-            raise CheckpointError(f"{path} is a folder without model_index.json: not a diffusers pipeline")
-        return read_diffusers_folder(path)[0], {}
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -216,9 +210,13 @@ def _finish_meta_model(model: nn.Module, missing: list[str]) -> None:
 
 
 def load_model_from_config(
-    config: Any, ckpt: str | Path | None, device: str | torch.device = "cpu", verbose: bool = True
+    config: Any,
+    ckpt: str | Path | Mapping[str, torch.Tensor] | None,
+    device: str | torch.device = "cpu",
+    verbose: bool = True,
 ) -> nn.Module:
-    """Build `config.model` and load `ckpt` into it (random weights when `ckpt` is None); eval mode on `device`.
+    """Build `config.model` and load `ckpt` (a checkpoint file, or a state dict already read) into it (random
+    weights when `ckpt` is None); eval mode on `device`.
 
     The model is built on the meta device, so the only weights ever in memory are the checkpoint's.
     """
@@ -226,9 +224,12 @@ def load_model_from_config(
         with torch.device(device):
             model = instantiate_from_config(config.model)
         return model.to(device).eval()
-    if verbose:
-        print(f"Loading model from {ckpt}")
-    state_dict, metadata = read_state_dict(ckpt)
+    if isinstance(ckpt, Mapping):
+        state_dict, metadata = ckpt, {}
+    else:
+        if verbose:
+            print(f"Loading model from {ckpt}")
+        state_dict, metadata = read_state_dict(ckpt)
     if verbose and "global_step" in metadata:
         print(f"Global step: {metadata['global_step']}")
     with torch.device("meta"):

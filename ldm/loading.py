@@ -26,12 +26,33 @@ def resolve_path(path: str) -> Path:
 SAFE_TARGETS = ("ldm.", "torch.")  # what a generation config may build without --trust-config
 
 
-def load_config(path: str, trust: bool = False) -> Any:
+def is_diffusers_folder(path: str | Path) -> bool:
+    """A diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, ...)."""
+    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
+
+
+def hashed_file(ckpt: Path) -> Path:
+    """The file whose hash names the model: the checkpoint, or a diffusers folder's UNet weights."""
+    if not ckpt.is_dir():
+        return ckpt
+    unet = ckpt / "unet"
+    return next(
+        (p for p in sorted(unet.glob("diffusion_pytorch_model*")) if p.is_file()), ckpt / "model_index.json"
+    )
+
+
+def load_config(path: str, trust: bool = False, ckpt: str | None = None) -> Any:
     """The model config at `path` (resolved as `resolve_path`): valid YAML with a `model: target:` section, and
-    (unless `trust`) every `target:` a class of this project or torch (configs are code)."""
+    (unless `trust`) every `target:` a class of this project or torch (configs are code). For a diffusers
+    folder `ckpt` with the default config, the config its own JSON files describe."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
+
+    if ckpt is not None and path == DEFAULT_CONFIG and is_diffusers_folder(resolve_path(ckpt)):
+        from ldm.adapters.diffusers_layout import config_from_diffusers
+
+        return config_from_diffusers(resolve_path(ckpt))
 
     config_path = resolve_path(path)
     if not config_path.is_file():
@@ -84,7 +105,7 @@ def check_config(config: Any, path: str) -> None:
 def check_checkpoint(ckpt: str) -> Path:
     """The checkpoint's path, or a UserError that says where to get and put the SD v1 weights."""
     path = resolve_path(ckpt)
-    if path.is_file():
+    if path.is_file() or is_diffusers_folder(path):
         return path
     if Path(ckpt) == Path(DEFAULT_CKPT):
         raise UserError(
@@ -92,7 +113,10 @@ def check_checkpoint(ckpt: str) -> Path:
             "stable-diffusion-v-1-4-original, after accepting its license) and save it there, pass --ckpt PATH, "
             "or try the small model that ships with the project: --ckpt shapes"
         )
-    raise UserError(f"checkpoint {ckpt} not found: pass --ckpt with the path of a .ckpt or .safetensors file")
+    raise UserError(
+        f"checkpoint {ckpt} not found: pass --ckpt with the path of a .ckpt or .safetensors file or of a "
+        "diffusers folder"
+    )
 
 
 def _select(config: Any, key: str, default: Any) -> Any:
@@ -192,6 +216,10 @@ def load_model(config: Any, ckpt: Path, device: Any) -> Any:
     from ldm.checkpoint import CheckpointError, load_model_from_config
 
     try:
+        if is_diffusers_folder(ckpt):
+            from ldm.adapters.diffusers_layout import read_diffusers_folder
+
+            return load_model_from_config(config, read_diffusers_folder(ckpt)[0], device=device)
         _check_unet_input(config, ckpt)
         return load_model_from_config(config, str(ckpt), device=device)
     except CheckpointError as error:

@@ -32,7 +32,7 @@ from ldm.latents import (
     seed_generators,
     strength_steps,
 )
-from ldm.loading import check_checkpoint, check_config, check_model_kind, load_model
+from ldm.loading import check_checkpoint, check_config, check_model_kind, hashed_file, load_model
 from ldm.models.diffusion.registry import make_sampler
 from ldm.outputs import NumberedFolder, Watermarker, make_image_grid, to_pil
 from ldm.runtime import (
@@ -100,7 +100,7 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
     from ldm.safety import load_safety_checker
 
     safety_checker = None if opt.no_safety_checker else load_safety_checker(opt.safety_checker, device)
-    ckpt_hash = model_hash_in_background(ckpt)
+    ckpt_hash = model_hash_in_background(hashed_file(ckpt))
     model = load_model(config, ckpt, load_device(device, options))
     prepare(model, device, opt.precision, options)
     return Session(

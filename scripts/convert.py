@@ -10,11 +10,9 @@ The output's suffix picks the format: .safetensors, .ckpt, anything else is a di
 written unless the whole output is (an existing output is replaced only with --overwrite)."""
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 
@@ -84,6 +82,6 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = parse_args()  # --help and flag errors end here, before torch is imported
-    from ldm.inference import run_cli
+    from ldm.cli import run_cli
 
     run_cli(lambda: main(arguments))

@@ -12,13 +12,10 @@ background read back from the image) is a third column; --shapes_reference N ren
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.errors import UserError  # noqa: E402
-from ldm.inference import run_cli  # noqa: E402
+from ldm.cli import run_cli
+from ldm.errors import UserError
 
 DEFAULT_STATS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm" / "fid-stats"
 

@@ -12,22 +12,18 @@ background, color, shape (and all three) match. Then time single-image generatio
 import argparse
 import itertools
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.bundled import bundled_model, resolve_model  # noqa: E402
-from ldm.checkpoint import load_model_from_config  # noqa: E402
-from ldm.data.shape_analysis import analyze_shape_image, caption_attributes  # noqa: E402
-from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, caption  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.models.diffusion.plms import PLMSSampler  # noqa: E402
+from ldm.bundled import bundled_model, resolve_model
+from ldm.checkpoint import load_model_from_config
+from ldm.data.shape_analysis import analyze_shape_image, caption_attributes
+from ldm.data.shapes import BACKGROUNDS, COLORS, SHAPES, caption
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.plms import PLMSSampler
 
 SAMPLERS = {"plms": PLMSSampler, "ddim": DDIMSampler}
 ATTRIBUTES = ("background", "color", "shape")

@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     opt = parse_args("img2img", __doc__, argv)
     if not opt.init_img:
         raise UserError("no input image: pass --init-img with the path of the image to transform")
-    config = load_config(opt.config, trust=opt.trust_config)
+    config = load_config(opt.config, trust=opt.trust_config, ckpt=opt.ckpt)
     check_latent_flags(opt.C, opt.f, config)
     batches = read_prompts(opt)
     check_sampler_options(opt)

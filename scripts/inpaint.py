@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     opt = parse_args("inpaint", __doc__, argv)
     if not opt.init_img or not opt.mask:
         raise UserError("inpainting needs an image and a mask: pass --init-img IMAGE --mask MASK")
-    config = load_config(opt.config, trust=opt.trust_config)
+    config = load_config(opt.config, trust=opt.trust_config, ckpt=opt.ckpt)
     check_latent_flags(opt.C, opt.f, config)
     batches = read_prompts(opt)
     check_sampler_options(opt)

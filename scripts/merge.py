@@ -9,10 +9,7 @@ Inputs may be .safetensors (read tensor by tensor), .ckpt (read safely, memory-m
 output is .safetensors. An inpainting model must be A when merged with a normal one."""
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +58,6 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     arguments = parse_args()  # --help and flag errors end here, before torch is imported
-    from ldm.inference import run_cli
+    from ldm.cli import run_cli
 
     run_cli(lambda: main(arguments))

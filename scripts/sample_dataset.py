@@ -12,15 +12,12 @@ OUTDIR/manifest.jsonl; a rerun with the same flags finishes an interrupted sweep
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ldm.bundled import bundled_model, resolve_model  # noqa: E402
-from ldm.errors import UserError  # noqa: E402
-from ldm.inference import run_cli  # noqa: E402
-from ldm.models.diffusion.registry import SAMPLERS, canonical_name  # noqa: E402
+from ldm.bundled import bundled_model, resolve_model
+from ldm.cli import run_cli
+from ldm.errors import UserError
+from ldm.models.diffusion.registry import SAMPLERS, canonical_name
 
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"

@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if opt.laion400m:
         print("Falling back to LAION 400M model...")
         opt.config, opt.ckpt, opt.outdir = LAION_CONFIG, LAION_CKPT, "outputs/txt2img-samples-laion400m"
-    config = load_config(opt.config, trust=opt.trust_config)
+    config = load_config(opt.config, trust=opt.trust_config, ckpt=opt.ckpt)
     check_latent_flags(opt.C, opt.f, config)
     check_image_size(opt.H, opt.W, size_multiple(config))
     batches = read_prompts(opt)

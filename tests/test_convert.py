@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from test_lora import random_kohya_lora
 
 from ldm.adapters.convert import convert, ema_key
-from ldm.adapters.diffusers_layout import config_from_diffusers
+from ldm.adapters.diffusers_layout import config_from_diffusers, read_diffusers_folder
 from ldm.adapters.lora import apply_loras
 from ldm.checkpoint import load_model_from_config
 from ldm.errors import UserError
@@ -80,7 +80,9 @@ def test_diffusers_folder_matches_and_converts_back_bit_for_bit(full_checkpoint)
         assert (ours[name] - theirs[name]).abs().max() <= 1e-4
 
     # `--ckpt FOLDER`: ldm.checkpoint reads a diffusers folder into this layout, memory-mapped loading included
-    loaded = load_model_from_config(config_from_diffusers(folder), folder, verbose=False)
+    loaded = load_model_from_config(
+        config_from_diffusers(folder), read_diffusers_folder(folder)[0], verbose=False
+    )
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
     back = path.parent / "back.safetensors"

@@ -11,8 +11,19 @@ import pytest
 from ldm.cli import FLAGS, build_parser, remake_command
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_FLOOR = ("ldm.models", "ldm.modules", "ldm.util", "ldm.checkpoint", "ldm.lr_scheduler", "ldm.errors")
-UPPER_FLOORS = ("ldm.runtime", "ldm.pipeline", "ldm.cli", "ldm.latents", "ldm.loading", "ldm.outputs")
+MODEL_FLOOR = (
+    "ldm.models",
+    "ldm.modules",
+    "ldm.util",
+    "ldm.checkpoint",
+    "ldm.lr_scheduler",
+    "ldm.errors",
+    "ldm.files",
+)
+UPPER_FLOORS = (
+    "ldm.runtime", "ldm.pipeline", "ldm.cli", "ldm.latents", "ldm.loading", "ldm.outputs", "ldm.prompts",
+    "ldm.adapters", "ldm.server", "ldm.evaluation", "ldm.infotext",
+)  # fmt: skip
 
 
 def module_name(path: Path) -> str:
