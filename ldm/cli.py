@@ -74,6 +74,7 @@ class Flag:
     scripts: tuple[str, ...] = SCRIPTS
     nargs: str | None = None
     metavar: str | None = None
+    repeat: bool = False  # may be given several times: a list
     dest: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +117,20 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--scale", "unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))",
          type=float, default={"txt2img": 7.5, "img2img": 5.0, "inpaint": 7.5}, check=finite(), image=True),
     Flag("--from-file", "if specified, load prompts from this file, one per line"),
+    Flag("--prompt-syntax", "a1111: AUTOMATIC1111's prompt language ((emphasis:1.2), [from:to:when], [a|b], BREAK, "
+         "long prompts in 75-token chunks, <lora:name:weight>, embeddings); plain: the original's literal text, "
+         "cut at 77 tokens", choices=("a1111", "plain"), default="a1111", image=True),
+    Flag("--clip-skip", "1: the text encoder's last layer, as SD v1 was trained; 2: the penultimate (A1111's Clip "
+         "skip)", type=int, default=1, check=between(1, 12), image=True),
+    Flag("--embeddings-dir", "textual-inversion embeddings (.pt, .bin, .safetensors; the file name is the trigger "
+         "word)", default="models/embeddings"),
+    Flag("--lora", "PATH[:WEIGHT] or a name in --lora-dir: a LoRA merged into the weights (weight 1.0 by "
+         "default); repeatable; prompts can also say <lora:name:weight>", repeat=True, image=True, key="loras",
+         metavar="LORA"),
+    Flag("--lora-dir", "folder of the LoRAs that <lora:name:weight> and --lora name", default="models/lora"),
+    Flag("--vae", "an autoencoder file (or a name in --vae-dir) replacing the model's own", image=True,
+         describe=lambda path: Path(path).name),
+    Flag("--vae-dir", "folder of the VAEs --vae names", default="models/VAE"),
     Flag("--init-img", "path to the input image", scripts=WITH_IMAGE, image=True, key="init_img"),
     Flag("--mask", "path to the mask: white = repaint, black = keep", scripts=("inpaint",), image=True),
     Flag("--strength", "strength for noising/unnoising. 1.0 corresponds to full destruction of information in "
@@ -173,6 +188,8 @@ def build_parser(script: str, description: str | None) -> argparse.ArgumentParse
             continue
         kwargs = {"nargs": flag.nargs, "metavar": flag.metavar, "choices": flag.choices}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if flag.repeat:
+            kwargs["action"] = "append"
         parser.add_argument(flag.name, type=flag.type, default=default, help=flag.help, **kwargs)
     return parser
 
@@ -255,6 +272,28 @@ def _auto_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_prompt_options(opt: argparse.Namespace, batches: list[list[str]]) -> None:
+    """The prompt language's options and the files they name (LoRAs, VAE, embeddings), before loading."""
+    from ldm.adapters.lora import find_lora, parse_lora_arg
+    from ldm.adapters.vae import find_vae
+
+    if opt.prompt_syntax == "plain" and opt.clip_skip != 1:
+        raise UserError("--clip-skip needs --prompt-syntax a1111 (plain is the original text encoding)")
+    if opt.embeddings_dir != "models/embeddings" and not Path(opt.embeddings_dir).is_dir():
+        raise UserError(
+            f"--embeddings-dir {opt.embeddings_dir} is not a folder: pass the folder of the embeddings"
+        )
+    for value in opt.lora or []:
+        find_lora(parse_lora_arg(value)[0], opt.lora_dir)
+    if opt.prompt_syntax == "a1111":
+        from ldm.prompts import lora_tags
+
+        for name, _ in lora_tags([p for batch in batches for p in batch]):
+            find_lora(name, opt.lora_dir)
+    if opt.vae is not None:
+        find_vae(opt.vae, opt.vae_dir)
+
+
 def read_prompts(opt: argparse.Namespace) -> list[list[str]]:
     """Batches of prompts: n_samples copies of --prompt, or the file's lines in batches of n_samples
     (the last batch may be smaller)."""
@@ -307,15 +346,23 @@ def recorded_parameters(script: str, opt: argparse.Namespace) -> dict:
     return params
 
 
+def _flag_args(flag: Flag, value: Any) -> list[str]:
+    """`value` of `flag` as command-line arguments (none for an unset switch, an empty text or list)."""
+    if value is None or value is False or value == "":
+        return []
+    if value is True:
+        return [flag.name]
+    if isinstance(value, list):
+        return [arg for item in value for arg in (flag.name, str(item))]
+    return [flag.name, str(value)]
+
+
 def remake_command(script: str, opt: argparse.Namespace, prompt: str, seed: int, n_samples: int) -> str:
     """The command that re-makes an image (or its batch) alone: the flags that change the image, as set."""
     args = ["python", f"scripts/{script}.py", "--prompt", prompt, "--seed", str(seed),
             "--n_samples", str(n_samples), "--n_iter", "1"]  # fmt: skip
     for flag in image_flags(script):
-        value = getattr(opt, flag.dest)
-        if value is None or value is False or value == "":
-            continue
-        args += [flag.name] if value is True else [flag.name, str(value)]
+        args += _flag_args(flag, getattr(opt, flag.dest))
     return shlex.join(args)
 
 

@@ -57,7 +57,11 @@ class Session:
     model_hash: str
     safety_checker: Callable[[list[Image.Image]], list[Image.Image]] | None
     watermark: Watermarker
-    uc_cache: dict = field(default_factory=dict)  # (batch size, negative prompt) -> uc
+    prompt_encoder: Any = None  # ldm.prompts.PromptEncoder for --prompt-syntax a1111, None for plain
+    loras: Any = None  # ldm.adapters.lora.LoraSet: the LoRAs merged into the weights now
+    uc_cache: dict = field(default_factory=dict)  # (batch size, negative prompt) -> uc (plain syntax)
+    lora_hash_cache: dict = field(default_factory=dict)  # path -> A1111's LoRA hash
+    truncation_warned: set = field(default_factory=set)  # plain-syntax texts already warned about
 
     def scope(self) -> contextlib.ExitStack:
         """No gradients, the run's precision, and the EMA weights if the model has them."""
@@ -96,12 +100,17 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
     opt.precision = resolve_precision(opt.precision, device)
     options = runtime_options(opt)
 
+    from ldm.adapters.lora import LoraSet
     from ldm.checkpoint import model_hash_in_background
     from ldm.safety import load_safety_checker
 
     safety_checker = None if opt.no_safety_checker else load_safety_checker(opt.safety_checker, device)
     ckpt_hash = model_hash_in_background(hashed_file(ckpt))
     model = load_model(config, ckpt, load_device(device, options))
+    if getattr(opt, "vae", None):
+        from ldm.adapters.vae import find_vae, load_vae
+
+        load_vae(model, find_vae(opt.vae, opt.vae_dir))
     prepare(model, device, opt.precision, options)
     return Session(
         opt=opt,
@@ -111,8 +120,23 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
         sampler=make_sampler(opt.sampler, model),
         safety_checker=safety_checker,
         watermark=Watermarker(),
+        prompt_encoder=prompt_encoder(model, opt),
+        loras=LoraSet(model),
         model_hash=ckpt_hash.result(),  # after everything else that loads
     )
+
+
+def prompt_encoder(model: Any, opt: Any) -> Any:
+    """The A1111 prompt encoder over the model's text encoder (with the embeddings of --embeddings-dir and
+    --clip-skip), or None for --prompt-syntax plain."""
+    if getattr(opt, "prompt_syntax", "plain") != "a1111":
+        return None
+    from ldm.prompts import PromptEncoder, load_embeddings
+
+    text_encoder = model.cond_stage_model
+    folder = Path(opt.embeddings_dir)
+    embeddings = load_embeddings(folder, text_encoder.hidden_size) if folder.is_dir() else {}
+    return PromptEncoder(text_encoder, embeddings, clip_skip=opt.clip_skip)
 
 
 @dataclass
@@ -150,15 +174,71 @@ def report_step_times(batches: list[list[float]]) -> None:
         print(f"Sampler steps: first {first:.2f} s, then {rest[len(rest) // 2]:.2f} s per step (median)")
 
 
-def conditionings(session: Session, prompts: list[str]) -> tuple[Any, Any]:
+def conditionings(session: Session, prompts: list[str], steps: int) -> tuple[Any, Any]:
     """(c, uc) of a batch: the prompts' conditioning, and the negative prompt's (None when --scale is 1, which
-    needs none); uc is cached per batch size on the session."""
+    needs none). With the A1111 prompt language both may change over the `steps` sampler steps (prompt editing)
+    and are padded to the same length; plain text is the original's `get_learned_conditioning`, its uc cached
+    per batch size on the session."""
     opt, model = session.opt, session.model
     n = len(prompts)
+    if session.prompt_encoder is not None:
+        from ldm.prompts import encode_conditioning
+
+        c, uc = encode_conditioning(session.prompt_encoder, prompts, n * [opt.negative_prompt], steps)
+        return c, uc if opt.scale != 1.0 else None
+    warn_truncated(session, [*prompts, opt.negative_prompt])
     cache, key = session.uc_cache, (n, opt.negative_prompt)
     if opt.scale != 1.0 and key not in cache:
         cache[key] = model.get_learned_conditioning(n * [opt.negative_prompt])
     return model.get_learned_conditioning(prompts), cache.get(key) if opt.scale != 1.0 else None
+
+
+def warn_truncated(session: Session, texts: list[str]) -> None:
+    """Plain text is cut at the text encoder's 77 tokens: say once per text how many tokens were dropped."""
+    text_encoder = session.model.cond_stage_model
+    if not hasattr(text_encoder, "token_ids"):
+        return
+    warned = session.truncation_warned
+    for text, ids in zip(texts, text_encoder.token_ids(texts), strict=True):
+        dropped = len(ids) - (text_encoder.max_length - 2)
+        if dropped > 0 and text not in warned:
+            warned.add(text)
+            print(
+                f"warning: the prompt is {len(ids)} tokens, {dropped} past the 75 the text encoder takes: they are "
+                f"ignored (--prompt-syntax a1111 encodes long prompts in chunks): {text[:60]!r}"
+            )
+
+
+def use_loras(session: Session, prompts: list[str]) -> list[tuple[Path, float]]:
+    """Merge the batch's LoRAs into the weights (--lora, then the prompts' <lora:name:weight> tags), undoing the
+    previous batch's; returns them as (file, weight)."""
+    from ldm.adapters.lora import find_lora, parse_lora_arg
+    from ldm.prompts import lora_tags
+
+    opt = session.opt
+    wanted = [parse_lora_arg(value) for value in getattr(opt, "lora", None) or []]
+    if session.prompt_encoder is not None:
+        wanted += lora_tags(prompts)
+    loras = [(find_lora(name, opt.lora_dir), weight) for name, weight in wanted]
+    if session.loras is not None:
+        session.loras.use(loras)
+    return loras
+
+
+def lora_record(session: Session, loras: list[tuple[Path, float]]) -> dict:
+    """The metadata of the LoRAs in use, (file, weight) pairs: [[name, weight], ...] and A1111's `Lora hashes`."""
+    if not loras:
+        return {}
+    from ldm.adapters.lora import lora_hash
+
+    loras = [(Path(path), weight) for path, weight in loras]
+    hashes = session.lora_hash_cache
+    for path, _ in loras:
+        hashes.setdefault(path, lora_hash(path))
+    return {
+        "lora_weights": [[path.stem, weight] for path, weight in loras],
+        "lora_hashes": ", ".join(f"{path.stem}: {hashes[path]}" for path, _ in loras),
+    }
 
 
 def render_batch(
@@ -167,10 +247,13 @@ def render_batch(
     prompts: list[str],
     seeds: list[int],
     callback: Callable[[int], None] = lambda step: None,
+    steps: int | None = None,
 ) -> list[Image.Image]:
-    """One batch's finished images: conditioned, rendered (`callback` after each sampler step), passed through
-    the safety checker and watermarked. Call inside `session.scope()`."""
-    c, uc = conditionings(session, prompts)
+    """One batch's finished images: its LoRAs merged in, conditioned (prompt editing over `steps` sampler steps,
+    --ddim_steps by default), rendered (`callback` after each sampler step), passed through the safety checker
+    and watermarked. Call inside `session.scope()`."""
+    use_loras(session, prompts)
+    c, uc = conditionings(session, prompts, steps or session.opt.ddim_steps)
     batch = Batch(prompts, seeds, c, uc, torch.Generator().manual_seed(seeds[0]), callback)
     images = render(batch)
     if session.safety_checker is not None:
@@ -225,8 +308,9 @@ def generate(
                 step_times.append([time.perf_counter()])
                 batch_images = render_batch(
                     session, render, prompts, seeds,
-                    lambda _: (bar.update(), step_times[-1].append(time.perf_counter())),
+                    lambda _: (bar.update(), step_times[-1].append(time.perf_counter())), steps,
                 )  # fmt: skip
+            loras = lora_record(session, session.loras.loras if session.loras is not None else [])
             for k, (image, prompt, seed) in enumerate(zip(batch_images, prompts, seeds, strict=True)):
                 if finish is not None:
                     image = finish(image)
@@ -240,7 +324,12 @@ def generate(
                     remake = record.remake(prompt, seed, 1)
                     extra = {"remake": remake}
                 first_remake = first_remake or remake
-                save(samples_folder, image, {**shared, "prompt": prompt, "seed": seed, **extra}, written)
+                save(
+                    samples_folder,
+                    image,
+                    {**shared, **loras, "prompt": prompt, "seed": seed, **extra},
+                    written,
+                )
                 written += 1
 
     if not opt.skip_grid:

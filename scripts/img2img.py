@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ldm.cli import (
     check_memory,
+    check_prompt_options,
     check_sampler_options,
     parse_args,
     read_prompts,
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_latent_flags(opt.C, opt.f, config)
     batches = read_prompts(opt)
     check_sampler_options(opt)
+    check_prompt_options(opt, batches)
 
     from ldm.image_input import fit_size, image_to_tensor, load_image, resize_image
     from ldm.pipeline import Record, generate, img2img_render, img2img_steps, open_session

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ldm.cli import (
     check_memory,
+    check_prompt_options,
     check_sampler_options,
     parse_args,
     read_prompts,
@@ -34,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_latent_flags(opt.C, opt.f, config)
     batches = read_prompts(opt)
     check_sampler_options(opt)
+    check_prompt_options(opt, batches)
 
     from PIL import Image
 

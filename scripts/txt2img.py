@@ -4,6 +4,7 @@ from collections.abc import Sequence
 
 from ldm.cli import (
     check_memory,
+    check_prompt_options,
     check_sampler_options,
     parse_args,
     read_prompts,
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_image_size(opt.H, opt.W, size_multiple(config))
     batches = read_prompts(opt)
     check_sampler_options(opt)
+    check_prompt_options(opt, batches)
     check_memory(opt, opt.H, opt.W)
 
     from ldm.pipeline import Record, generate, open_session, txt2img_render

@@ -11,7 +11,13 @@ sampler.sample(steps, ..., conditioning=c, unconditional_conditioning=uc)  # c.a
 from ldm.prompts.embeddings import Embedding, load_embedding, load_embeddings
 from ldm.prompts.encode import PromptEncoder, encode_conditioning
 from ldm.prompts.schedule import ScheduledConditioning
-from ldm.prompts.syntax import ExtraNetwork, extract_extra_networks, parse_prompt_attention, prompt_schedule
+from ldm.prompts.syntax import (
+    ExtraNetwork,
+    extract_extra_networks,
+    lora_tags,
+    parse_prompt_attention,
+    prompt_schedule,
+)
 
 __all__ = [
     "Embedding",
@@ -22,6 +28,7 @@ __all__ = [
     "extract_extra_networks",
     "load_embedding",
     "load_embeddings",
+    "lora_tags",
     "parse_prompt_attention",
     "prompt_schedule",
 ]

@@ -261,3 +261,20 @@ def extract_extra_networks(text: str) -> tuple[str, list[ExtraNetwork]]:
         return ""
 
     return _EXTRA_NETWORK.sub(take, text), found
+
+
+def lora_tags(prompts: list[str]) -> list[tuple[str, float]]:
+    """The `<lora:name:weight>` tags of the prompts as (name, weight), each name once (its first weight; 1.0
+    when none is given)."""
+    found: dict[str, float] = {}
+    for prompt in prompts:
+        for network in extract_extra_networks(prompt)[1]:
+            if network.kind != "lora" or network.name in found:
+                continue
+            try:
+                found[network.name] = float(network.args[0]) if network.args else 1.0
+            except ValueError:
+                raise UserError(
+                    f"<lora:{network.name}:{network.args[0]}>: the weight must be a number, e.g. <lora:{network.name}:0.8>"
+                ) from None
+    return list(found.items())

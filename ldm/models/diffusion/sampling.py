@@ -25,9 +25,11 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _tensors(cond: Cond) -> list[torch.Tensor]:
-    """Every tensor inside a (possibly nested) list/dict conditioning."""
+    """Every tensor inside a (possibly nested) list/dict conditioning (a changing one's at step 0)."""
     if isinstance(cond, torch.Tensor):
         return [cond]
+    if hasattr(cond, "at"):
+        return _tensors(cond.at(0))
     if isinstance(cond, dict):
         return [t for v in cond.values() for t in _tensors(v)]
     if isinstance(cond, list | tuple):
@@ -37,7 +39,7 @@ def _tensors(cond: Cond) -> list[torch.Tensor]:
 
 def check_conditioning(cond: Cond, batch_size: int, name: str = "conditioning") -> None:
     """Raise ValueError unless every tensor in `cond` holds one entry per sample."""
-    for tensor in _tensors(cond.at(0) if hasattr(cond, "at") else cond):
+    for tensor in _tensors(cond):
         if tensor.shape[0] != batch_size:
             raise ValueError(
                 f"{name} has batch size {tensor.shape[0]} but batch_size is {batch_size}: "
@@ -76,6 +78,17 @@ class StepCounter:
             self.callback(n)
 
 
+def _changes(cond: Cond) -> bool:
+    """Whether a conditioning (or a part of a dict/list one, e.g. c_crossattn) changes during sampling."""
+    if hasattr(cond, "at"):
+        return True
+    if isinstance(cond, dict):
+        return any(_changes(v) for v in cond.values())
+    if isinstance(cond, list | tuple):
+        return any(_changes(v) for v in cond)
+    return False
+
+
 def guided_eps_fn(
     model: Any,
     cond: Cond,
@@ -95,7 +108,7 @@ def guided_eps_fn(
     `ldm.prompts.ScheduledConditioning`) is resolved at `counter.step` on every call.
     """
     guided = uncond is not None and scale != 1.0
-    scheduled = hasattr(cond, "at") or (guided and hasattr(uncond, "at"))
+    scheduled = _changes(cond) or (guided and _changes(uncond))
     if scheduled and counter is None:
         raise ValueError("a conditioning that changes during sampling needs the run's StepCounter")
     cond_in = cat_cond(uncond, cond) if guided and not scheduled else cond
@@ -107,7 +120,13 @@ def guided_eps_fn(
     corrector_kwargs = corrector_kwargs or {}
 
     def at_step(c: Cond) -> Cond:
-        return c.at(counter.step) if hasattr(c, "at") else c
+        if hasattr(c, "at"):
+            return c.at(counter.step)
+        if isinstance(c, dict):
+            return {k: at_step(v) for k, v in c.items()}
+        if isinstance(c, list | tuple):
+            return [at_step(v) for v in c]
+        return c
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
         c = at_step(cond)
