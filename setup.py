@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4",
         "open_clip_torch>=2.20",
         "ftfy>=6.1",
+        "torchsde>=0.2.6",  # Brownian-tree noise of the SDE samplers
     ],
     extras_require={"test": ["pytest>=8", "diffusers>=0.30", "ruff>=0.6"]},
 )
