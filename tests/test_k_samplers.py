@@ -6,11 +6,14 @@ import inspect
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_
+from omegaconf import OmegaConf
 from test_samplers import SHAPE, StandInModel, guided, inputs
 
 from ldm.models.diffusion import registry
@@ -21,6 +24,7 @@ from ldm.models.diffusion.k_diffusion.sampler import KDiffusionSampler, img2img_
 from ldm.models.diffusion.sampling import guided_eps_fn
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.noise import slerp, variation_noise
+from ldm.util import instantiate_from_config
 
 K_SAMPLERS = [name for name in registry.SAMPLERS if name not in ("ddim", "plms", "dpm")]
 SCALE = 3.0
@@ -37,6 +41,10 @@ def one_thread():
 @pytest.fixture
 def model() -> StandInModel:
     return StandInModel()
+
+
+def no_noise(sigma, sigma_next):
+    raise AssertionError("an eta = 0 run drew noise")
 
 
 def generators(seed: int = 10, n: int = 2) -> list[torch.Generator]:
@@ -273,6 +281,36 @@ def test_dpmpp_sde_matches_diffusers_brownian_tree(model, karras):
     assert diff <= 1e-4
 
 
+@torch.no_grad()
+def test_dpmpp_2s_matches_diffusers_singlestep_on_a_midpoint_grid(model):
+    """DPM++ 2S (eta 0) takes its intermediate point at the midpoint in log-sigma; DPMSolverSinglestep (order
+    2) takes it from its own timestep grid. On a grid whose every other sigma is that midpoint, with the
+    timesteps rounded to integers (as diffusers feeds them: quantize=True) and ending at sigma_min, they agree.
+    With eta > 0 (DPM++ 2S a) diffusers has no counterpart."""
+    sigmas = schedules.model_sigmas(model.alphas_cumprod)
+    main = schedules.karras(10, sigmas)[:-1]
+    mids = (main[:-1].log() + main[1:].log()).div(2).exp()
+    grid = torch.cat([torch.stack([main[:-1], mids], 1).flatten(), main[-1:]])
+    scheduler = diffusers.DPMSolverSinglestepScheduler(
+        num_train_timesteps=1000, trained_betas=model.betas.double().numpy().tolist(), solver_order=2,
+        lower_order_final=False, final_sigmas_type="sigma_min",
+    )  # fmt: skip
+    scheduler.set_timesteps(len(grid) - 1)
+    assert scheduler.order_list == [1, 2] * (len(main) - 1)
+    scheduler.sigmas = grid.clone()
+    timesteps = schedules.sigma_to_t(grid, sigmas, quantize=True)
+    x_T, c, uc = inputs()
+    x = x_T
+    for i in range(len(grid) - 1):
+        eps = guided(model, x, timesteps[i].expand(2), c, uc, SCALE)
+        x = scheduler.step(eps, scheduler.timesteps[i], x).prev_sample
+    denoise = Denoiser(guided_eps_fn(model, c, uc, SCALE), sigmas, quantize=True)
+    ours = algorithms.dpmpp_2s_ancestral(denoise, x_T * (1 + main[0] ** 2) ** 0.5, main, no_noise, eta=0.0)
+    diff = (ours / (1 + main[-1] ** 2) ** 0.5 - x).abs().max().item()
+    print(f"dpmpp_2s (eta 0) vs diffusers' singlestep: max abs diff {diff:.2e}")
+    assert x.std() > 0.5 and diff <= 1e-4
+
+
 # Algorithms diffusers does not have (or has differently), against exact solutions
 
 
@@ -301,10 +339,6 @@ def ode_error(algorithm, steps: int, **kwargs) -> float:
     return (out - exact).abs().max().item() / exact.abs().max().item()
 
 
-def no_noise(sigma, sigma_next):
-    raise AssertionError("an eta = 0 run drew noise")
-
-
 @pytest.mark.parametrize(
     "algorithm, kwargs, order",
     [
@@ -316,6 +350,7 @@ def no_noise(sigma, sigma_next):
         (algorithms.dpmpp_2s_ancestral, {"eta": 0.0, "noise": no_noise}, 2),
         (algorithms.dpmpp_sde, {"eta": 0.0, "noise": no_noise}, 2),
         (algorithms.dpmpp_2m_sde, {"eta": 0.0, "noise": no_noise}, 2),
+        (algorithms.dpmpp_2m_sde, {"eta": 0.0, "noise": no_noise, "solver_type": "heun"}, 2),
         # third-order steps, but its first (first-order) step's O(h^2) error stays in the result
         (algorithms.dpmpp_3m_sde, {"eta": 0.0, "noise": no_noise}, 2),
         (algorithms.unipc, {}, 3),
@@ -413,7 +448,7 @@ def test_every_sampler_runs_1_2_and_1000_steps(model, name):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde_heun"])
 def test_image_i_does_not_depend_on_the_batch(model, name):
     batch = sample(name, model, 8, batch=4, seed=100)
     _, c, uc = inputs(4)
@@ -456,6 +491,7 @@ def test_options_scheduler_eta_s_noise_quantize(model):
     assert (sample("euler_a", model, 6, scheduler="karras") - base).abs().max() > 1e-2
     assert (sample("euler_a", model, 6, s_noise=0.5) - base).abs().max() > 1e-2
     torch.testing.assert_close(sample("euler_a", model, 6, eta=0.0), sample("euler", model, 6))
+    assert (sample("dpmpp_2m_sde_heun", model, 6) - sample("dpmpp_2m_sde", model, 6)).abs().max() > 1e-3
     model.calls.clear()
     sample("euler", model, 6, quantize_t=True)
     assert all(t.dtype == torch.long for t in model.calls)
@@ -536,8 +572,48 @@ def test_k_sampler_drives_the_tiny_latent_diffusion(tiny_ldm):
         assert torch.equal(samples[..., :4], x0[..., :4])
 
 
+@torch.no_grad()
+def test_k_sampler_drives_a_9_channel_inpainting_model(inpaint_config):
+    """Inpainting checkpoints get the masked image through the concat conditioning, batched with the
+    unconditional half like the cross-attention conditioning."""
+    torch.manual_seed(0)
+    model = randomize_(instantiate_from_config(inpaint_config.model)).eval()
+    g = torch.Generator().manual_seed(0)
+    c, uc = torch.randn(2, 77, 32, generator=g), torch.randn(2, 77, 32, generator=g)
+    concat = torch.randn(2, 5, 8, 8, generator=g)
+    seen = []
+    apply_model = model.apply_model
+
+    def recording(x, t, cond):
+        seen.append((x.shape, cond["c_concat"][0].shape))
+        return apply_model(x, t, cond)
+
+    model.apply_model = recording
+    cond = {"c_concat": [concat], "c_crossattn": [c]}
+    uncond = {"c_concat": [concat], "c_crossattn": [uc]}
+    samples, _ = registry.make_sampler("dpmpp_2m", model).sample(
+        3, 2, (4, 8, 8), conditioning=cond, unconditional_conditioning=uncond, unconditional_guidance_scale=5.0,
+        verbose=False, generator=generators(0),
+    )  # fmt: skip
+    assert samples.shape == (2, 4, 8, 8) and torch.isfinite(samples).all()
+    assert seen == [((4, 4, 8, 8), (4, 5, 8, 8))] * 3
+
+
+@pytest.fixture
+def inpaint_config():
+    return OmegaConf.load(Path(__file__).parent / "configs" / "tiny-inpaint.yaml")
+
+
 def test_capabilities(model):
-    stochastic = {"euler_a", "dpm2_a", "dpmpp_2s_a", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+    stochastic = {
+        "euler_a",
+        "dpm2_a",
+        "dpmpp_2s_a",
+        "dpmpp_sde",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_heun",
+        "dpmpp_3m_sde",
+    }
     stochastic |= {"dpm_fast", "dpm_adaptive"}  # AUTOMATIC1111 runs them with eta 1 too
     for name in K_SAMPLERS:
         cls = registry.sampler_class(name)
@@ -550,8 +626,11 @@ def test_capabilities(model):
 def test_registry_names_and_aliases():
     assert set(K_SAMPLERS) == {
         "euler", "euler_a", "heun", "dpm2", "dpm2_a", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_a",
-        "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc",
+        "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "unipc",
     }  # fmt: skip
+    assert set(registry.SCHEDULER_LABELS) == set(registry.SCHEDULERS)
+    for name, label in registry.SCHEDULER_LABELS.items():
+        assert registry.canonical_scheduler(label) == name
     assert registry.canonical_name("DPM++ 2M") == "dpmpp_2m"
     assert registry.canonical_name(" euler A ") == "euler_a"
     assert registry.split_sampler_name("DPM++ 2M Karras") == ("dpmpp_2m", "karras")

@@ -24,6 +24,7 @@ SAMPLERS: dict[str, str] = {
     "dpmpp_2m": "ldm.models.diffusion.k_diffusion.sampler.DPMPP2MSampler",
     "dpmpp_sde": "ldm.models.diffusion.k_diffusion.sampler.DPMPPSDESampler",
     "dpmpp_2m_sde": "ldm.models.diffusion.k_diffusion.sampler.DPMPP2MSDESampler",
+    "dpmpp_2m_sde_heun": "ldm.models.diffusion.k_diffusion.sampler.DPMPP2MSDEHeunSampler",
     "dpmpp_3m_sde": "ldm.models.diffusion.k_diffusion.sampler.DPMPP3MSDESampler",
     "unipc": "ldm.models.diffusion.k_diffusion.sampler.UniPCSampler",
 }
@@ -49,6 +50,7 @@ ALIASES: dict[str, str] = {
     "DPM++ 2M": "dpmpp_2m",
     "DPM++ SDE": "dpmpp_sde",
     "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Heun": "dpmpp_2m_sde_heun",
     "DPM++ 3M SDE": "dpmpp_3m_sde",
     "UniPC": "unipc",
 }
@@ -63,6 +65,15 @@ SCHEDULER_ALIASES: dict[str, str | None] = {
     "SGM Uniform": "sgm_uniform",
     "Simple": "simple",
     "DDIM": "ddim_uniform",
+}
+# SCHEDULERS name -> AUTOMATIC1111's label, for the "Schedule type" of generation parameters.
+SCHEDULER_LABELS: dict[str, str] = {
+    "normal": "Normal",
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform",
+    "simple": "Simple",
+    "ddim_uniform": "DDIM",
 }
 
 

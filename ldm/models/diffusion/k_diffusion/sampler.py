@@ -398,6 +398,17 @@ class DPMPP2MSDESampler(KDiffusionSampler):
         return algorithms.dpmpp_2m_sde(denoiser, x, sigmas, noise, eta, s_noise, callback=callback)
 
 
+class DPMPP2MSDEHeunSampler(KDiffusionSampler):
+    """DPM++ 2M SDE with the Heun-type second-order correction instead of the midpoint one."""
+
+    name = "DPM++ 2M SDE Heun"
+    default_scheduler = "exponential"
+    uses_eta = stochastic = brownian = True
+
+    def _algorithm(self, denoiser, x, sigmas, sigma_range, noise, eta, s_noise, callback):
+        return algorithms.dpmpp_2m_sde(denoiser, x, sigmas, noise, eta, s_noise, "heun", callback=callback)
+
+
 class DPMPP3MSDESampler(KDiffusionSampler):
     name = "DPM++ 3M SDE"
     default_scheduler = "exponential"
