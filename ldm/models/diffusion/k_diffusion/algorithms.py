@@ -439,7 +439,7 @@ def dpm_adaptive(
         cache: dict = {}
         t = torch.minimum(t_end, s + controller.h)
         t_down, sigma_up = solver.ancestral(s, t, t_end, eta)
-        eps = solver.eps(cache, "eps", x, s)
+        denoised = x - _sigma(s) * solver.eps(cache, "eps", x, s)
         if order == 2:
             x_low = solver.step_1(x, s, t_down, cache)
             x_high = solver.step_2(x, s, t_down, cache)
@@ -453,7 +453,7 @@ def dpm_adaptive(
             x = x_high + sigma_up * s_noise * noise(_sigma(s), _sigma(t)) if eta else x_high
             s = t
         if callback:
-            callback(steps, x, x - _sigma(s) * eps)
+            callback(steps, x, denoised)
         steps += 1
     return x
 
