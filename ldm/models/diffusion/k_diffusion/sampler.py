@@ -3,8 +3,8 @@
 
 txt2img: x = x_T * sigmas[0], then the algorithm over the S-step sigmas of the scheduler.
 img2img (AUTOMATIC1111's rule): for strength s and S steps, t_enc = int(min(s, 0.999) * S) and the run is the
-last t_enc + 1 steps of the S-step schedule, `sigmas[S - t_enc - 1:]`, from x0 + noise * sigma_start:
-`n = img2img_steps(s, S)`; `make_schedule(S)`; `z = stochastic_encode(x0, n)`; `decode(z, c, n, ...)`.
+last t_enc + 1 steps of the S-step schedule, `sigmas[S - t_enc - 1:]`, from x0 + noise * sigma_start
+(s = 0.5, S = 20: sigmas[9:], 11 steps; s = 1: all S): `n = img2img_steps(s, S)`; `make_schedule(S)`; `z = stochastic_encode(x0, n)`; `decode(z, c, n, ...)`.
 Inpainting an ordinary checkpoint (mask 1 where x0 is kept): every denoised estimate is x0 under the mask,
 and so is the final sample. Noise: image i's ancestral noise is the next draw from `generator[i]`; the SDE
 samplers use one Brownian tree per image seeded with `generator[i].initial_seed()`.
@@ -52,9 +52,8 @@ class KDiffusionSampler(Sampler):
     supports_mask = True
     integer_timesteps = False
     default_scheduler = "normal"
-    discard_next_to_last_sigma = (
-        False  # run S + 1 sigmas with the next-to-last dropped (DPM2, DPM2 a, 3M SDE)
-    )
+    # compute S + 1 steps' sigmas and drop the next-to-last (AUTOMATIC1111's DPM2, DPM2 a, DPM++ 3M SDE)
+    discard_next_to_last_sigma = False
     brownian = False  # noise from Brownian trees (the SDE samplers)
 
     def __init__(
