@@ -543,6 +543,25 @@ def test_img2img_runs_automatic1111s_steps(model, name):
 
 
 @torch.no_grad()
+def test_img2img_indexes_the_schedule_by_the_requested_steps(model):
+    """ddim_uniform with S = 7 holds 8 steps (9 sigmas); AUTOMATIC1111 still starts at sigmas[S - t_enc - 1]."""
+    _, c, uc = inputs()
+    sampler = registry.make_sampler("euler", model)
+    sampler.make_schedule(7, scheduler="ddim_uniform", verbose=False)
+    assert len(sampler.sigmas) == 9
+    x0, noise = inputs(seed=2)[0], inputs(seed=3)[0]
+    for strength, start, runs in ((1.0, 0, 8), (0.5, 3, 5)):
+        t_start = img2img_steps(strength, 7)
+        z = sampler.stochastic_encode(x0, t_start, noise=noise)
+        torch.testing.assert_close(z, x0 + noise * sampler.sigmas[start])
+        model.calls.clear()
+        sampler.decode(
+            z, c, t_start, unconditional_guidance_scale=SCALE, unconditional_conditioning=uc, verbose=False
+        )
+        assert len(model.calls) == runs
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("name", K_SAMPLERS)
 def test_mask_keeps_the_known_region(model, name):
     x0 = inputs(seed=2)[0]

@@ -88,6 +88,7 @@ class KDiffusionSampler(Sampler):
         if self.discard_next_to_last_sigma:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         self.sigmas = sigmas
+        self.requested_steps = ddim_num_steps
         self.scheduler_used = scheduler
         if verbose:
             print(f"{self.name} with the {scheduler} schedule: sigmas {sigmas.numpy().round(4)}")
@@ -174,16 +175,18 @@ class KDiffusionSampler(Sampler):
             raise ValueError(f"{self.name} has no use_original_steps")
         if noise is None:
             noise = randn(tuple(x0.shape), x0.device, generator)
-        return x0 + noise * self._start_sigma(t).to(x0.device)
+        return x0 + noise * self.sigmas[self._start_index(t)].to(x0.device)
 
-    def _start_sigma(self, t: torch.Tensor | int) -> torch.Tensor:
+    def _start_index(self, t: torch.Tensor | int) -> int:
+        """Index into `sigmas` where a run of the last t steps starts: S - t, S the requested steps (as
+        AUTOMATIC1111 indexes; ddim_uniform can hold more than S + 1 sigmas, and then runs more steps)."""
         t = torch.as_tensor(t)
         if t.numel() > 1 and not torch.all(t == t.flatten()[0]):
             raise ValueError("every image of a batch must start at the same step")
         t_start = int(t.flatten()[0])
-        if not 1 <= t_start <= self.num_steps:
-            raise ValueError(f"t_start must be in 1..{self.num_steps} for this schedule, got {t_start}")
-        return self.sigmas[self.num_steps - t_start]
+        if not 1 <= t_start <= self.requested_steps:
+            raise ValueError(f"t_start must be in 1..{self.requested_steps} for this schedule, got {t_start}")
+        return self.requested_steps - t_start
 
     @torch.no_grad()
     def decode(
@@ -203,16 +206,15 @@ class KDiffusionSampler(Sampler):
         mask: torch.Tensor | None = None,
         x0: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the last `t_start` steps of the schedule, `sigmas[S - t_start:]`, on x_latent (the output of
-        `stochastic_encode`); with mask and x0 the masked region stays x0 (0 steps return x_latent)."""
+        """Run the last `t_start` steps of the S-step schedule, `sigmas[S - t_start:]`, on x_latent (the output
+        of `stochastic_encode`); with mask and x0 the masked region stays x0 (0 steps return x_latent)."""
         if use_original_steps:
             raise ValueError(f"{self.name} has no use_original_steps")
         if t_start == 0:
             return x_latent
-        self._start_sigma(t_start)
+        sigmas = self.sigmas[self._start_index(t_start) :]
         check_conditioning(cond, x_latent.shape[0])
         eps_fn = guided_eps_fn(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
-        sigmas = self.sigmas[self.num_steps - t_start :]
         # DPM fast/adaptive solve from the first sigma to the last positive one, as AUTOMATIC1111 passes them
         sigma_range = (sigmas[-2], sigmas[0])
         options = dict(eta=eta, s_noise=s_noise, quantize_t=quantize_t)
