@@ -518,6 +518,7 @@ def test_img2img_runs_automatic1111s_steps(model, name):
     """strength 0.5, 20 steps: t_enc = 10 and AUTOMATIC1111 runs sigmas[9:], 11 steps, from x0 + noise *
     sigmas[9]."""
     assert [img2img_steps(s, 20) for s in (0.0, 0.5, 0.75, 1.0)] == [1, 11, 16, 20]
+    assert registry.sampler_class(name).img2img_steps(0.5, 20) == 11
     x0, noise = inputs(seed=2)[0], inputs(seed=3)[0]
     _, c, uc = inputs()
     sampler = registry.make_sampler(name, model)

@@ -55,6 +55,8 @@ class KDiffusionSampler(Sampler):
     # compute S + 1 steps' sigmas and drop the next-to-last (AUTOMATIC1111's DPM2, DPM2 a, DPM++ 3M SDE)
     discard_next_to_last_sigma = False
     brownian = False  # noise from Brownian trees (the SDE samplers)
+    # img2img: how many of the last steps to run at a strength (A1111's rule; DDIM's is int(strength * S))
+    img2img_steps = staticmethod(img2img_steps)
 
     def __init__(
         self,
