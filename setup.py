@@ -23,6 +23,7 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "pydantic>=2.6",
+        "torchsde>=0.2.6",  # Brownian-tree noise of the SDE samplers
     ],
     package_data={"ldm.server": ["static/*"]},
     extras_require={
