@@ -17,7 +17,7 @@ from typing import Any
 from ldm.errors import UserError
 from ldm.files import check_output_folder
 from ldm.loading import DEFAULT_CKPT, DEFAULT_CONFIG
-from ldm.models.diffusion.registry import SAMPLERS, canonical_name
+from ldm.models.diffusion.registry import SAMPLERS, SCHEDULERS, canonical_scheduler, split_sampler_name
 
 SCRIPTS = ("txt2img", "img2img", "inpaint")
 MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
@@ -50,10 +50,12 @@ def finite(low: float | None = None, high: float | None = None) -> Check:
     return check
 
 
-def sampler_name(value: str) -> str:
-    """argparse type of --sampler: a registry name or alias, normalized to the registry name."""
+def scheduler_name(value: str) -> str:
+    """argparse type of --scheduler: a SCHEDULERS name, an A1111 label or "automatic"."""
+    if value.strip().lower() == "automatic":
+        return "automatic"
     try:
-        return canonical_name(value)
+        return canonical_scheduler(value)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -97,9 +99,24 @@ FLAGS: tuple[Flag, ...] = (
          key="steps"),
     Flag("--plms", "use plms sampling (same as --sampler plms)", type=None),
     Flag("--dpm_solver", "use dpm_solver sampling (same as --sampler dpm)", type=None),
-    Flag("--sampler", f"sampler, by name or A1111 display name ({', '.join(SAMPLERS)}); default ddim",
-         type=sampler_name, image=True, metavar="NAME"),
+    Flag("--sampler", f"sampler, by name or A1111 display name such as 'DPM++ 2M Karras' ({', '.join(SAMPLERS)}); "
+         "default ddim", image=True, metavar="NAME"),
+    Flag("--scheduler", f"noise schedule of the k-diffusion samplers ({', '.join(SCHEDULERS)}; A1111's labels too); "
+         "automatic: the sampler's own", type=scheduler_name, default="automatic", image=True),
+    Flag("--eta", "noise amount of the ancestral and SDE samplers (default 1.0; DDIM's is --ddim_eta)", type=float,
+         check=finite(0.0), image=True, key="ancestral_eta"),
+    Flag("--s_noise", "scale of the noise the ancestral and SDE samplers draw at each step", type=float,
+         default=1.0, check=finite(0.0), image=True),
+    Flag("--quantize-t", "feed the model the nearest integer timestep of each sigma (ComfyUI) instead of the "
+         "interpolated one (k-diffusion, A1111)", type=None, image=True),
+    Flag("--subseed", "variation seed: image k's noise is slerped towards that of subseed + k (A1111)", type=int,
+         check=between(0, MAX_SEED), image=True),
+    Flag("--subseed_strength", "how far towards the variation seed's noise (0: none, 1: all of it)", type=float,
+         default=0.0, check=finite(0.0, 1.0), image=True),
     Flag("--laion400m", "uses the LAION400M model", type=None, scripts=("txt2img",)),
+    Flag("--from-png", "re-make an image from the parameters in its PNG (this project's: the same pixels; an "
+         "AUTOMATIC1111 one: its settings); flags given as well override them", scripts=("txt2img",),
+         metavar="FILE"),
     Flag("--fixed_code", "use the same starting code (seeds) for every batch and iteration", type=None),
     Flag("--ddim_eta", "ddim eta (eta=0.0 corresponds to deterministic sampling)", type=float, default=0.0,
          check=finite(0.0), image=True, key="eta"),
@@ -214,9 +231,13 @@ def apply_bundled_model(opt: argparse.Namespace, parser: argparse.ArgumentParser
 
 
 def parse_args(script: str, description: str | None, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse and check `script`'s flags: every table check, the sampler choice; bundled model names resolved."""
+    """Parse and check `script`'s flags: every table check, the sampler choice; bundled model names resolved.
+    With --from-png, the image's own flags come first and the ones given override them."""
     parser = build_parser(script, description)
+    argv = list(sys.argv[1:] if argv is None else argv)
     opt = parser.parse_args(argv)
+    if getattr(opt, "from_png", None):
+        opt = parser.parse_args([*png_flags(opt.from_png, script), *argv])
     for flag in FLAGS:
         value = getattr(opt, flag.dest, None)
         problem = flag.check(value) if flag.check is not None and value is not None else None
@@ -230,11 +251,71 @@ def parse_args(script: str, description: str | None, argv: Sequence[str] | None)
     return apply_bundled_model(opt, parser)
 
 
+# AUTOMATIC1111 infotext fields -> our flags (values as written); Size and the sampler name are handled apart
+A1111_FLAGS = {"Steps": "--ddim_steps", "CFG scale": "--scale", "Seed": "--seed", "Clip skip": "--clip-skip",
+               "Variation seed": "--subseed", "Variation seed strength": "--subseed_strength", "Eta": "--eta",
+               "Eta DDIM": "--ddim_eta", "Schedule type": "--scheduler"}  # fmt: skip
+A1111_HONOURED = {
+    *A1111_FLAGS,
+    "Prompt",
+    "Negative prompt",
+    "Sampler",
+    "Size",
+    "Model hash",
+    "Model",
+    "Version",
+}
+
+
+def png_flags(path: str, script: str) -> list[str]:
+    """The flags that re-make the image in PNG `path`: its re-make command's (this project's images), or those
+    mapped from A1111's infotext (what cannot be honoured is named, not dropped silently)."""
+    from ldm.infotext import read_png_parameters
+
+    try:
+        record = read_png_parameters(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--from-png {path}: not a readable PNG ({error})") from None
+    if "remake" in record:
+        words = shlex.split(record["remake"])
+        if words[1] != f"scripts/{script}.py":
+            raise UserError(f"--from-png {path} was made by {words[1]}: re-make it with that script")
+        return words[2:]
+    if "Prompt" not in record or "Steps" not in record:
+        raise UserError(
+            f"--from-png {path} holds no generation parameters (no infotext): pass a generated image"
+        )
+    flags = ["--prompt", record["Prompt"], "--negative-prompt", record.get("Negative prompt", "")]
+    if "Sampler" in record:
+        flags += ["--sampler", record["Sampler"]]
+    if "Size" in record:
+        width, _, height = record["Size"].partition("x")
+        flags += ["--W", width, "--H", height]
+    for key, flag in A1111_FLAGS.items():
+        if key in record:
+            flags += [flag, record[key]]
+    ignored = [key for key in record if key not in A1111_HONOURED]
+    if ignored:
+        print(f"note: --from-png: {', '.join(ignored)} cannot be honoured here and are ignored")
+    if "Model hash" in record:
+        print(
+            f"note: --from-png: the image was made with model hash {record['Model hash']}: pass that --ckpt"
+        )
+    return flags
+
+
 def choose_sampler(opt: argparse.Namespace) -> str:
-    """The registry name from --sampler / --plms / --dpm_solver (default ddim); conflicting flags are an error."""
+    """The registry name from --sampler / --plms / --dpm_solver (default ddim); conflicting flags are an error.
+    A combined A1111 name ("DPM++ 2M Karras") also sets --scheduler when that was left automatic."""
     flagged = [name for name, on in (("plms", opt.plms), ("dpm", opt.dpm_solver)) if on]
     if opt.sampler is not None:
-        flagged.append(opt.sampler)
+        try:
+            name, scheduler = split_sampler_name(opt.sampler)
+        except ValueError as error:
+            raise UserError(f"--sampler: {error}") from None
+        if scheduler is not None and opt.scheduler == "automatic":
+            opt.scheduler = scheduler
+        flagged.append(name)
     if len(set(flagged)) > 1:
         raise UserError(
             f"conflicting sampler flags ({', '.join(sorted(set(flagged)))}): choose one with --sampler"
@@ -247,10 +328,26 @@ def check_sampler_options(opt: argparse.Namespace) -> None:
     from ldm.models.diffusion.registry import sampler_class
 
     sampler = sampler_class(opt.sampler)
-    if opt.ddim_eta != 0.0 and not sampler.uses_eta:
-        raise UserError(
-            f"--ddim_eta {opt.ddim_eta} needs a sampler that takes eta (ddim): {opt.sampler} is deterministic"
-        )
+    scheduled = getattr(sampler, "default_scheduler", None) is not None  # the k-diffusion family
+    if opt.ddim_eta != 0.0 and (scheduled or not sampler.uses_eta):
+        hint = "use --eta" if scheduled and sampler.uses_eta else f"{opt.sampler} is deterministic"
+        raise UserError(f"--ddim_eta {opt.ddim_eta} needs a sampler that takes eta (ddim): {hint}")
+    if not scheduled:
+        for flag, value, unset in (
+            ("--scheduler", opt.scheduler, "automatic"),
+            ("--eta", opt.eta, None),
+            ("--s_noise", opt.s_noise, 1.0),
+            ("--quantize-t", opt.quantize_t, False),
+        ):
+            if value != unset:
+                raise UserError(
+                    f"{flag} is for the k-diffusion samplers (euler, dpmpp_2m, ...), not {opt.sampler}"
+                )
+        return
+    if opt.eta is not None and not sampler.uses_eta:
+        raise UserError(f"--eta {opt.eta} needs an ancestral or SDE sampler: {opt.sampler} is deterministic")
+    if opt.scheduler == "automatic":
+        opt.scheduler = sampler.default_scheduler  # recorded as run
 
 
 def check_memory(opt: argparse.Namespace, height: int, width: int) -> None:

@@ -85,3 +85,66 @@ def parse_infotext(text: str) -> dict[str, str]:
     # A1111 skips a pair whose value is empty
     fields = {key: unquote(value) for key, value in PARAM.findall(last) if value}
     return {"Prompt": prompt, "Negative prompt": negative, **fields}
+
+
+# This project's PNGs: A1111's infotext in `parameters` (what A1111, Civitai and ComfyUI read), and the whole
+# record (everything needed to re-make the image, `remake` included) as JSON in `RECORD_CHUNK`.
+RECORD_CHUNK = "ldm-parameters"
+_DDIM_FAMILY = ("ddim", "plms", "dpm")
+
+
+def display_name(sampler: str) -> str:
+    """A1111's display name of a registry sampler name ("dpmpp_2m" -> "DPM++ 2M"); the name itself if none."""
+    from ldm.models.diffusion.registry import ALIASES
+
+    return next((alias for alias, name in ALIASES.items() if name == sampler), sampler)
+
+
+def record_infotext(record: Mapping[str, Any]) -> str:
+    """A1111's infotext of one of this project's image records (ldm.cli's metadata keys)."""
+    from ldm.models.diffusion.registry import SCHEDULER_LABELS
+
+    sampler = record.get("sampler")
+    scheduler = record.get("scheduler")
+    k_family = sampler is not None and sampler not in _DDIM_FAMILY
+    width, height = record.get("width"), record.get("height")
+    subseed = record.get("subseed")
+    fields = {
+        "Steps": record.get("steps"),
+        "Sampler": display_name(sampler) if sampler else None,
+        "Schedule type": SCHEDULER_LABELS.get(scheduler) if k_family and scheduler else None,
+        "CFG scale": record.get("scale"),
+        "Seed": record.get("seed"),
+        "Size": f"{width}x{height}" if width and height else None,
+        "Model hash": record.get("model_hash"),
+        "Model": str(record["model"]).rsplit(".", 1)[0] if record.get("model") else None,
+        "VAE": record.get("vae"),
+        "Denoising strength": record.get("strength"),
+        "Clip skip": record.get("clip_skip") if record.get("clip_skip", 1) != 1 else None,
+        "Eta DDIM": record.get("eta") if sampler == "ddim" and record.get("eta") else None,
+        "Eta": record.get("ancestral_eta") if k_family else None,
+        "Variation seed": subseed,
+        "Variation seed strength": record.get("subseed_strength") if subseed is not None else None,
+        "Lora hashes": record.get("lora_hashes"),
+        "Version": "ldm-sd-v1",
+    }
+    prompt = record.get("prompt", "\n".join(record.get("prompts", [])))
+    return format_infotext(prompt, record.get("negative_prompt", ""), fields)
+
+
+def read_png_parameters(path: Any) -> dict:
+    """The generation parameters of a PNG: this project's whole record when it has one (also the JSON
+    `parameters` of its older images), else A1111's infotext parsed (`parse_infotext`); {} when it has none."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = dict(getattr(image, "text", {}))
+    if RECORD_CHUNK in text:
+        return json.loads(text[RECORD_CHUNK])
+    parameters = text.get("parameters", "")
+    if parameters.lstrip().startswith("{"):
+        try:
+            return json.loads(parameters)
+        except ValueError:
+            pass
+    return parse_infotext(parameters) if parameters.strip() else {}

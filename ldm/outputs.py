@@ -12,6 +12,7 @@ from PIL import Image, PngImagePlugin
 from torchvision.utils import make_grid
 
 from ldm.files import file_mode, remove_stale_temporaries, temporary_path
+from ldm.infotext import RECORD_CHUNK, read_png_parameters, record_infotext
 
 WATERMARK = "StableDiffusionV1"
 _WATERMARK_MIN_PIXELS = 256 * 256  # dwtDct refuses smaller images
@@ -54,16 +55,18 @@ class Watermarker:
 
 
 def png_info(parameters: dict) -> PngImagePlugin.PngInfo:
-    """A PNG text chunk "parameters" holding the generation parameters as JSON."""
+    """PNG text chunks: `parameters`, A1111's infotext of the record (A1111's PNG Info, Civitai and ComfyUI read
+    it), and `ldm-parameters`, the whole record as JSON (everything needed to re-make the image)."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    info.add_text("parameters", record_infotext(parameters))
+    info.add_text(RECORD_CHUNK, json.dumps(parameters, sort_keys=True))
     return info
 
 
 def read_parameters(path: str | os.PathLike) -> dict:
-    """The generation parameters stored in a PNG written by `save_png`."""
-    with Image.open(path) as image:
-        return json.loads(image.text["parameters"])
+    """The generation parameters of a PNG: this project's record, or A1111's infotext parsed
+    (`ldm.infotext.read_png_parameters`)."""
+    return read_png_parameters(path)
 
 
 def save_png(image: Image.Image, path: Path, parameters: dict | None = None) -> None:

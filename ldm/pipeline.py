@@ -21,15 +21,12 @@ from tqdm import tqdm, trange
 
 from ldm.errors import UserError
 from ldm.latents import (
-    draw_noise,
     encode_image,
-    initial_noise,
     inpainting_concat,
     is_inpainting_model,
     latent_keep_mask,
     masked_image,
     noised_latents,
-    seed_generators,
     strength_steps,
 )
 from ldm.loading import check_checkpoint, check_config, check_model_kind, hashed_file, load_model
@@ -134,6 +131,14 @@ def prompt_encoder(model: Any, opt: Any) -> Any:
     from ldm.prompts import PromptEncoder, load_embeddings
 
     text_encoder = model.cond_stage_model
+    if not hasattr(text_encoder, "encode_tokens"):
+        print(f"note: {type(text_encoder).__name__} is not a CLIP text encoder: prompts are read as plain text")
+        return None
+    layers = text_encoder.transformer.text_model.config.num_hidden_layers
+    if opt.clip_skip > layers:
+        raise UserError(
+            f"--clip-skip {opt.clip_skip}: this model's text encoder has {layers} layers: use 1..{layers}"
+        )
     folder = Path(opt.embeddings_dir)
     embeddings = load_embeddings(folder, text_encoder.hidden_size) if folder.is_dir() else {}
     return PromptEncoder(text_encoder, embeddings, clip_skip=opt.clip_skip)
@@ -350,16 +355,50 @@ def generate(
     )
 
 
+def is_k_sampler(sampler: Any) -> bool:
+    """A sampler of the k-diffusion family (it has noise schedules; each image draws from its own generator)."""
+    return getattr(sampler, "default_scheduler", None) is not None
+
+
+def seeded_noise(session: Session, batch: Batch, shape: tuple[int, ...]) -> tuple[torch.Tensor, list]:
+    """(x_T [B, *shape] on the device, the images' CPU generators after that first draw).
+
+    Image i's x_T is the first draw of a CPU generator seeded with its seed (slerped towards its variation
+    seed's with --subseed/--subseed_strength, as A1111)."""
+    from ldm.noise import variation_noise
+
+    opt = session.opt
+    subseed = getattr(opt, "subseed", None)
+    strength = getattr(opt, "subseed_strength", 0.0)
+    subseeds = None if subseed is None else [subseed + (s - batch.seeds[0]) for s in batch.seeds]
+    x_T, generators = variation_noise(batch.seeds, shape, subseeds, strength)
+    return x_T.to(session.device), generators
+
+
+def sampler_options(session: Session, batch: Batch, generators: list, decode: bool = False) -> dict:
+    """The sampler keywords of the options. The k-diffusion samplers continue each image's own generator
+    (A1111's "CPU" RNG: an image never depends on its batch) with --eta, --s_noise and --quantize-t (and the
+    schedule, which `decode` takes from make_schedule); DDIM's eta noise comes from `batch.generator`, as it
+    always has (its eta is set by make_schedule for `decode`)."""
+    opt = session.opt
+    if not is_k_sampler(session.sampler):
+        return (
+            {"generator": batch.generator} if decode else {"generator": batch.generator, "eta": opt.ddim_eta}
+        )
+    options = {"generator": generators, "eta": opt.eta, "s_noise": opt.s_noise, "quantize_t": opt.quantize_t}
+    return options if decode else {**options, "scheduler": opt.scheduler}
+
+
 def txt2img_render(session: Session) -> Render:
     """Each batch sampled from its images' seeded noise x_T and decoded."""
     opt, shape = session.opt, session.latent_shape
 
     def render(batch: Batch) -> list[Image.Image]:
+        x_T, generators = seeded_noise(session, batch, shape)
         samples, _ = session.sampler.sample(
             S=opt.ddim_steps, conditioning=batch.c, batch_size=len(batch.prompts), shape=shape,
             verbose=False, unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
-            eta=opt.ddim_eta, x_T=initial_noise(batch.seeds, shape, session.device),
-            generator=batch.generator, callback=batch.callback,
+            x_T=x_T, callback=batch.callback, **sampler_options(session, batch, generators),
         )  # fmt: skip
         return to_pil(session.model.decode_first_stage(samples))
 
@@ -378,13 +417,15 @@ def img2img_render(session: Session, image: torch.Tensor, size: tuple[int, int],
     shape = (opt.C, image.shape[-2] // opt.f, image.shape[-1] // opt.f)
 
     def render(batch: Batch) -> list[Image.Image]:
-        generators = seed_generators(batch.seeds)
-        noise = draw_noise(generators, shape, session.device)  # first draw: txt2img's x_T
+        noise, generators = seeded_noise(session, batch, shape)  # first draw: txt2img's x_T
         z0 = encode_image(model, posterior, generators)
+        if is_k_sampler(sampler):  # A1111: x0 + noise * sigma at the first of the steps run
+            z = sampler.stochastic_encode(z0, t_enc, noise=noise)
+        else:
+            z = noised_latents(sampler, z0, noise, t_enc)
         samples = sampler.decode(
-            noised_latents(sampler, z0, noise, t_enc), batch.c, t_enc,
-            unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
-            callback=batch.callback, generator=batch.generator, verbose=False,
+            z, batch.c, t_enc, unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
+            callback=batch.callback, verbose=False, **sampler_options(session, batch, generators, decode=True),
         )  # fmt: skip
         return [resize_image(result, size) for result in to_pil(model.decode_first_stage(samples))]
 
@@ -416,12 +457,11 @@ def inpaint_render(
         keep = latent_keep_mask(repaint, shape[1:])
 
     def render(batch: Batch) -> list[Image.Image]:
-        generators = seed_generators(batch.seeds)
-        x_T = draw_noise(generators, shape, session.device)  # first draw: txt2img's x_T
+        x_T, generators = seeded_noise(session, batch, shape)  # first draw: txt2img's x_T
         kwargs = dict(
-            S=opt.ddim_steps, batch_size=len(batch.prompts), shape=shape, x_T=x_T, eta=opt.ddim_eta,
-            unconditional_guidance_scale=opt.scale, generator=batch.generator, callback=batch.callback,
-            verbose=False,
+            S=opt.ddim_steps, batch_size=len(batch.prompts), shape=shape, x_T=x_T,
+            unconditional_guidance_scale=opt.scale, callback=batch.callback, verbose=False,
+            **sampler_options(session, batch, generators),
         )  # fmt: skip
         if concat:
             c_concat = [inpainting_concat(model, posterior, repaint, generators)]
@@ -440,8 +480,12 @@ def inpaint_render(
 
 
 def img2img_steps(session: Session, strength: float) -> int:
-    """Set the sampler's schedule for --ddim_steps and return t_enc, the steps img2img runs for `strength`."""
-    session.sampler.make_schedule(
-        ddim_num_steps=session.opt.ddim_steps, ddim_eta=session.opt.ddim_eta, verbose=False
-    )
-    return strength_steps(strength, session.opt.ddim_steps)
+    """Set the sampler's schedule for --ddim_steps and return t_enc, the steps img2img runs for `strength`:
+    int(strength * S) for the DDIM family, as the original; A1111's int(min(strength, 0.999) * S) + 1 for
+    the k-diffusion samplers."""
+    opt, sampler = session.opt, session.sampler
+    if is_k_sampler(sampler):
+        sampler.make_schedule(opt.ddim_steps, verbose=False, scheduler=opt.scheduler)
+        return sampler.img2img_steps(strength, opt.ddim_steps)
+    sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
+    return strength_steps(strength, opt.ddim_steps)

@@ -83,7 +83,7 @@ def generate(url: str, seed: int) -> tuple[list[int], np.ndarray, dict]:
     return (
         json.loads(body["info"])["all_seeds"],
         np.asarray(image.convert("RGB")),
-        json.loads(image.text["parameters"]),
+        json.loads(image.text["ldm-parameters"]),
     )
 
 

@@ -8,6 +8,7 @@ import json
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm.infotext import RECORD_CHUNK, parse_infotext, record_infotext
 from ldm.outputs import png_info
 
 
@@ -48,16 +49,17 @@ def encode_png(image: Image.Image, metadata: dict | None = None) -> str:
 
 
 def infotext(metadata: dict) -> str:
-    """An image's parameters as text (A1111's `infotexts` entries): the JSON of its PNG metadata."""
-    return json.dumps(metadata, sort_keys=True)
+    """An image's parameters as text (A1111's `infotexts` entries): A1111's infotext of its record."""
+    return record_infotext(metadata)
 
 
 def read_png_info(image: Image.Image) -> tuple[str, dict, dict]:
     """(info text, the other text chunks, the parsed parameters) of a PNG, for /png-info."""
     items = {k: v for k, v in image.info.items() if isinstance(v, str)}
     info = items.pop("parameters", "")
+    record = items.pop(RECORD_CHUNK, None)
     try:
-        parameters = json.loads(info) if info else {}
+        parameters = json.loads(record) if record else parse_infotext(info) if info.strip() else {}
     except ValueError:
         parameters = {}
     return info, items, parameters if isinstance(parameters, dict) else {}

@@ -25,6 +25,7 @@ from ldm.models.diffusion.sampling import (
     EpsFn,
     Generators,
     Sampler,
+    StepCounter,
     check_conditioning,
     guided_eps_fn,
     randn,
@@ -122,11 +123,15 @@ class KDiffusionSampler(Sampler):
         scheduler: str | None = None,
         s_noise: float | None = None,
         quantize_t: bool | None = None,
-        **kwargs: Any,
+        normals_sequence: Any = None,
+        quantize_x0: bool = False,
+        temperature: float = 1.0,
+        noise_dropout: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """S steps from x_T (or noise from `generator`) [batch_size, *shape] to latents; returns (samples,
         {"x_inter": [...], "pred_x0": [...]}), logged every `log_every_t` steps. eta None means 1.0;
-        `normals_sequence`, `quantize_x0`, `temperature` and `noise_dropout` are accepted and ignored."""
+        the original API's `normals_sequence`, `quantize_x0`, `temperature` and `noise_dropout` are accepted
+        and ignored; an unknown keyword is a TypeError."""
         size = (batch_size, *shape)
         check_conditioning(conditioning, batch_size)
         if unconditional_conditioning is not None and unconditional_guidance_scale != 1.0:
@@ -137,6 +142,7 @@ class KDiffusionSampler(Sampler):
             raise ValueError(f"x_T has shape {tuple(x_T.shape)} but the batch has shape {size}")
         self.make_schedule(S, verbose=verbose, scheduler=scheduler)
         x = x_T if x_T is not None else randn(size, self.device, generator)
+        counter = StepCounter(callback)  # the step a changing conditioning (prompt editing) is at
         eps_fn = guided_eps_fn(
             self.model,
             conditioning,
@@ -144,6 +150,7 @@ class KDiffusionSampler(Sampler):
             unconditional_guidance_scale,
             score_corrector,
             corrector_kwargs,
+            counter,
         )
         full_range = (self.model_sigmas[0], self.model_sigmas[-1])  # DPM fast/adaptive: the model's range
         return self._run(
@@ -155,7 +162,7 @@ class KDiffusionSampler(Sampler):
             dict(eta=eta, s_noise=s_noise, quantize_t=quantize_t),
             mask,
             x0,
-            callback,
+            counter,
             img_callback,
             log_every_t,
             verbose,
@@ -216,12 +223,15 @@ class KDiffusionSampler(Sampler):
             return x_latent
         sigmas = self.sigmas[self._start_index(t_start) :]
         check_conditioning(cond, x_latent.shape[0])
-        eps_fn = guided_eps_fn(self.model, cond, unconditional_conditioning, unconditional_guidance_scale)
+        counter = StepCounter(callback)
+        eps_fn = guided_eps_fn(
+            self.model, cond, unconditional_conditioning, unconditional_guidance_scale, counter=counter
+        )
         # DPM fast/adaptive solve from the first sigma to the last positive one, as AUTOMATIC1111 passes them
         sigma_range = (sigmas[-2], sigmas[0])
         options = dict(eta=eta, s_noise=s_noise, quantize_t=quantize_t)
         return self._run(
-            x_latent, eps_fn, sigmas, sigma_range, generator, options, mask, x0, callback, None, 100, verbose
+            x_latent, eps_fn, sigmas, sigma_range, generator, options, mask, x0, counter, None, 100, verbose
         )[0]
 
     def _run(
