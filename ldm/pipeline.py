@@ -132,7 +132,9 @@ def prompt_encoder(model: Any, opt: Any) -> Any:
 
     text_encoder = model.cond_stage_model
     if not hasattr(text_encoder, "encode_tokens"):
-        print(f"note: {type(text_encoder).__name__} is not a CLIP text encoder: prompts are read as plain text")
+        print(
+            f"note: {type(text_encoder).__name__} is not a CLIP text encoder: prompts are read as plain text"
+        )
         return None
     layers = text_encoder.transformer.text_model.config.num_hidden_layers
     if opt.clip_skip > layers:
