@@ -116,8 +116,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--ckpt", "path to checkpoint of model (.ckpt or .safetensors), or a bundled model's name (shapes)",
          default=DEFAULT_CKPT, image=True, key="model", describe=lambda path: Path(path).name),
     Flag("--seed", "the seed (for reproducible sampling); image k gets seed + k", type=int, default=42),
-    Flag("--precision", "evaluate at this precision (default: autocast on CUDA, i.e. fp16; full on CPU; "
-         "autocast on CPU is bf16)", choices=("full", "autocast"), image=True),
+    Flag("--precision", "evaluate at this precision: full (fp32), autocast (fp16 on GPUs, bf16 on the CPU) or "
+         "auto: autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), else full; the metadata records "
+         "what ran", choices=("auto", "full", "autocast"), default="auto", image=True),
     Flag("--device", "where to run (auto: cuda, then mps, then cpu)", choices=("auto", "cuda", "mps", "cpu"),
          default="auto"),
     Flag("--safety-checker", "path of a local CompVis/stable-diffusion-safety-checker (default: the HF cache)"),
@@ -128,8 +129,9 @@ FLAGS: tuple[Flag, ...] = (
          "images)", type=int, check=at_least(1), metavar="N"),
     Flag("--lowvram", "keep only the module in use (text encoder, UNet, VAE) on the GPU (on the CPU only the "
          "module in use stays resident anyway)", type=None),
-    Flag("--threads", "CPU threads for torch (default: one per core; use fewer when other processes keep cores "
-         "busy, since oversubscribed threads run several times slower)", type=int, check=at_least(1)),
+    Flag("--threads", "CPU threads for torch (default: the CPUs this process may use; fewer when other "
+         "processes keep cores busy, since oversubscribed threads run several times slower: a hint says when)",
+         type=int, check=at_least(1)),
     Flag("--compile", "torch.compile the UNet (the first step then includes compiling)", type=None),
     Flag("--max-pixels", "refuse input images with more pixels than this (2048x2048 by default)", type=int,
          default=DEFAULT_MAX_PIXELS, check=at_least(1), scripts=WITH_IMAGE, image=True),
