@@ -21,5 +21,8 @@ setup(
         "open_clip_torch>=2.20",
         "ftfy>=6.1",
     ],
-    extras_require={"test": ["pytest>=8", "diffusers>=0.30", "ruff>=0.6"]},
+    extras_require={
+        "test": ["pytest>=8", "diffusers>=0.30", "ruff>=0.6"],
+        "openvino": ["openvino>=2024.0"],  # benchmarks/bench_vs_diffusers.py --peers: OpenVINO as a peer
+    },
 )
