@@ -101,13 +101,14 @@ def tiled_block(
     rows, cols = windows(height, core, HALO), windows(width, core, HALO)
     with WholeImageNorms(module) as norms:
         while True:
-            out = None
+            out, pending = None, False
             for top, bottom, w_top, w_bottom in rows:
                 for left, right, w_left, w_right in cols:
                     norms.core = slice(top - w_top, bottom - w_top), slice(left - w_left, right - w_left)
                     try:
                         y = block(x[..., w_top:w_bottom, w_left:w_right])
                     except _StatisticsPending:
+                        pending = True
                         continue
                     if out is None:
                         size = round(height * scale), round(width * scale)
@@ -117,7 +118,7 @@ def tiled_block(
                     r = [round(v * scale) for v in (top, bottom, top - w_top, bottom - w_top)]
                     c = [round(v * scale) for v in (left, right, left - w_left, right - w_left)]
                     out[..., r[0] : r[1], c[0] : c[1]] = y[..., r[2] : r[3], c[2] : c[3]]
-            if out is not None:
+            if not pending:
                 return out
             norms.finish_pass()
 
