@@ -39,5 +39,6 @@ setup(
             "scipy>=1.10",
             "torchmetrics>=1.0",
         ],
+        "openvino": ["openvino>=2024.0"],  # benchmarks/bench_vs_diffusers.py --peers: OpenVINO as a peer
     },
 )

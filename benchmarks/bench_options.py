@@ -98,7 +98,7 @@ def main() -> None:
         start = time.perf_counter()
         untiled = fp32.decode_first_stage(z48)
         results["vae_decode_384_untiled_s"] = time.perf_counter() - start
-        vae.enable_tiling(32, 8)
+        vae.enable_tiling(32)
         start = time.perf_counter()
         tiled = fp32.decode_first_stage(z48)
         results["vae_decode_384_tiled_s"] = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Speed and memory of this project against diffusers, on the same random-init SD v1 weights.
 
     python benchmarks/bench_vs_diffusers.py [--workdir /tmp/sdbench] [--reps 3] [--write BENCHMARKS.md]
+    python benchmarks/bench_vs_diffusers.py --peers [--sizes 256 512]   # needs the openvino extra
 
 Saves a full-size random-weights SD v1 checkpoint once (`.ckpt` and `.safetensors` in --workdir), converts it
 to diffusers with diffusers' own helpers (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`; the CLIP
@@ -10,7 +11,9 @@ and, each in a fresh process, model load (time, peak RSS) and end-to-end txt2img
 `--e2e-reps` alternated processes each).
 The machine's fp32/bf16 GEMM peak puts the UNet step in context. With `--cuda` it instead measures fp16
 sampling speed (it/s) and peak VRAM at 512² (batch 1, 50 steps) and 768², each image in a fresh process, and
-ours with --lowvram.
+ours with --lowvram. With `--peers` it measures only the CPU table against OpenVINO (`pip install .[openvino]`):
+our fp32 and bf16 UNet step and VAE decode against OpenVINO's f32 and default (bf16 on CPUs with bf16 units),
+exported from our own modules.
 """
 
 import argparse
@@ -373,6 +376,162 @@ def bf16_step(ours, unet, c: torch.Tensor) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------------- OpenVINO
+
+
+def cpu_flags() -> str:
+    """The CPU's model and which of the flags that decide its fast paths it has (Linux /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return machine()
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
+    )
+    named = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
+    return f"{machine()}; {named}"
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def openvino_peer(model, example: tuple, z: torch.Tensor, cache: Path) -> dict[str, dict]:
+    """OpenVINO models compiled from our fp32 UNet and VAE decoder (`openvino.convert_model`, traced on the example
+    inputs), each at inference precision f32 and at OpenVINO's default (bf16 where the CPU has bf16 units), with
+    the compiled-model cache in `cache` (only the first run compiles); as many threads as torch.
+    Returns {"unet" | "vae": {"f32" | "default": fn}}."""
+    import openvino as ov
+
+    class Decode(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv
+
+        def forward(self, z):
+            return self.decoder(self.post_quant_conv(z))
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(cache)})
+    peers: dict[str, dict] = {}
+    for name, module, inputs in (
+        ("unet", model.model.diffusion_model, example),
+        ("vae", Decode(model.first_stage_model), (z,)),
+    ):
+        converted = ov.convert_model(module, example_input=inputs)
+        peers[name] = {}
+        for hint in ("f32", "default"):
+            config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+            if hint == "f32":
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            compiled = core.compile_model(converted, "CPU", config)
+            print(
+                f"OpenVINO {ov.__version__} {name} {hint}: runs in",
+                compiled.get_property("INFERENCE_PRECISION_HINT"),
+            )
+
+            def run(*args, compiled=compiled):
+                return torch.from_numpy(compiled(tuple(a.numpy() for a in args))[0])
+
+            peers[name][hint] = run
+        del converted
+    return peers
+
+
+def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
+    """In one process, interleaved: UNet step (batch 2) at `sizes` and VAE decode 256² of ours fp32, ours bf16
+    (`--precision autocast`), OpenVINO f32 and OpenVINO default; max |eps - ours fp32| of each. The text encoder
+    and VAE encoder are dropped (random conditioning) to fit the machine's memory."""
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_model_from_config
+    from ldm.runtime import precision_scope
+    from ldm.runtime.fast_paths import apply_cpu_fast_paths
+    from ldm.runtime.memory import keep_freed_memory, low_precision
+
+    model = load_model_from_config(OmegaConf.load(CONFIG), str(path), verbose=False)
+    model.cond_stage_model = model.first_stage_model.encoder = None
+    keep_freed_memory()
+    torch.manual_seed(0)
+    c = torch.randn(2, 77, 768)
+    z = torch.randn(1, 4, 32, 32)
+    t = torch.full((2,), 500, dtype=torch.long)
+    example = (torch.randn(2, 4, sizes[0] // 8, sizes[0] // 8), t, c)
+    results: dict = {"cpu": cpu_flags(), "load_1min": [os.getloadavg()[0]]}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        ov = openvino_peer(
+            model, example, z, path.parent / "openvino-cache"
+        )  # plain layers, before our fast paths
+        results["openvino_convert_compile_s"] = time.perf_counter() - start
+        apply_cpu_fast_paths(model)
+        bf16 = copy.deepcopy(model)
+        low_precision(bf16, torch.bfloat16)
+        cpu = torch.device("cpu")
+
+        def autocast(fn):
+            def run(*args):
+                with precision_scope("autocast", cpu):
+                    return fn(*args).float()
+
+            return run
+
+        unets = {
+            "ours fp32": model.apply_model,
+            "ours bf16": autocast(bf16.apply_model),
+            "OpenVINO f32": ov["unet"]["f32"],
+            "OpenVINO default": ov["unet"]["default"],
+        }
+        decoders = {
+            "ours fp32": model.decode_first_stage,
+            "ours bf16": autocast(bf16.decode_first_stage),
+            "OpenVINO f32": lambda z: ov["vae"]["f32"](z / model.scale_factor),
+            "OpenVINO default": lambda z: ov["vae"]["default"](z / model.scale_factor),
+        }
+        for size in sizes:
+            x = torch.randn(2, 4, size // 8, size // 8)
+            fns = {name: lambda fn=fn, x=x: fn(x, t, c) for name, fn in unets.items()}
+            results[f"unet_step_{size}"] = alternate(fns, reps)
+            plain = fns["ours fp32"]()
+            results[f"unet_maxdiff_{size}"] = {
+                name: (fn() - plain).abs().max().item() for name, fn in fns.items()
+            }
+            results["load_1min"].append(os.getloadavg()[0])
+            print(json.dumps(results), flush=True)
+        fns = {name: lambda fn=fn: fn(z) for name, fn in decoders.items()}
+        results["vae_decode_256"] = alternate(fns, reps)
+        plain = fns["ours fp32"]()
+        results["vae_maxdiff_256"] = {name: (fn() - plain).abs().max().item() for name, fn in fns.items()}
+        results["load_1min"].append(os.getloadavg()[0])
+    return results
+
+
+def peers_table(results: dict, sizes: tuple[int, ...]) -> str:
+    names = list(results["vae_decode_256"])
+    rows = [
+        "| variant | " + " | ".join(f"UNet step {s}², batch 2" for s in sizes) + " | VAE decode 256² |",
+        "|---|" + "---:|" * (len(sizes) + 1),
+    ]
+    for name in names:
+        cells = []
+        for key, diff in [
+            *((f"unet_step_{s}", f"unet_maxdiff_{s}") for s in sizes),
+            ("vae_decode_256", "vae_maxdiff_256"),
+        ]:
+            seconds, base = results[key][name], results[key]["ours fp32"]
+            peer = results[key]["OpenVINO default" if "bf16" in name else "OpenVINO f32"]
+            cells.append(
+                f"{seconds:.2f} s ({seconds / base:.2f}x ours fp32, {seconds / peer:.2f}x OV "
+                f"{'default' if 'bf16' in name else 'f32'}; max diff {results[diff][name]:.1e})"
+            )
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    load = ", ".join(f"{v:.1f}" for v in results["load_1min"])
+    return (
+        f"CPU: {results['cpu']}. 1-minute load average during the run: {load}. OpenVINO convert + compile "
+        f"(4 models; compiled-model cache in --workdir/openvino-cache): "
+        f"{results['openvino_convert_compile_s']:.0f} s.\n\n" + "\n".join(rows)
+    )
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
 
@@ -650,6 +809,12 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only rebuild the report from --workdir/results.json"
     )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="only the CPU peer table: ours fp32/bf16 against OpenVINO f32/default",
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256], help="UNet step sizes with --peers")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     opt = parser.parse_args()
     if opt.threads:
@@ -668,7 +833,14 @@ def main() -> None:
 
     prepare(opt.workdir)
     path = opt.workdir / "model.safetensors"
-    if opt.cuda:
+    if opt.peers:
+        results = peers(path, opt.reps, tuple(opt.sizes))
+        (opt.workdir / "peers.json").write_text(json.dumps(results, indent=2))
+        command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
+        text = f"Command: `{command}` (medians of {opt.reps} interleaved runs).\n" + peers_table(
+            results, tuple(opt.sizes)
+        )
+    elif opt.cuda:
         results = sampling_bench(opt, path)
         print(json.dumps(results, indent=2))
         text = f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + sampling_table(results)

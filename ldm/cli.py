@@ -159,8 +159,9 @@ FLAGS: tuple[Flag, ...] = (
          default=DEFAULT_CKPT, image=True, key="model", describe=lambda path: Path(path).name),
     Flag("--seed", "the seed (for reproducible sampling); image k gets seed + k; -1 picks one at random",
          type=int, default=42, check=between(-1, MAX_SEED)),
-    Flag("--precision", "evaluate at this precision (default: autocast on CUDA, i.e. fp16; full on CPU; "
-         "autocast on CPU is bf16)", choices=("full", "autocast"), image=True),
+    Flag("--precision", "evaluate at this precision: full (fp32), autocast (fp16 on GPUs, bf16 on the CPU) or "
+         "auto: autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), else full; the metadata records "
+         "what ran", choices=("auto", "full", "autocast"), default="auto", image=True),
     Flag("--device", "where to run (auto: cuda, then mps, then cpu)", choices=("auto", "cuda", "mps", "cpu"),
          default="auto"),
     Flag("--safety-checker", "path of a local CompVis/stable-diffusion-safety-checker (default: the HF cache)"),
@@ -171,8 +172,9 @@ FLAGS: tuple[Flag, ...] = (
          "images)", type=int, check=at_least(1), metavar="N"),
     Flag("--lowvram", "keep only the module in use (text encoder, UNet, VAE) on the GPU (on the CPU only the "
          "module in use stays resident anyway)", type=None),
-    Flag("--threads", "CPU threads for torch (default: one per core; use fewer when other processes keep cores "
-         "busy, since oversubscribed threads run several times slower)", type=int, check=at_least(1)),
+    Flag("--threads", "CPU threads for torch (default: the CPUs this process may use; fewer when other "
+         "processes keep cores busy, since oversubscribed threads run several times slower: a hint says when)",
+         type=int, check=at_least(1)),
     Flag("--memory-limit", "memory (GiB) a run may use: sizes whose estimated peak clearly exceeds it are refused "
          "before the model loads (default: what the machine or GPU has free)", type=float, check=finite(0.0),
          metavar="GIB"),

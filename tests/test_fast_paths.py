@@ -1,17 +1,28 @@
 """The CPU fast paths the runtime applies give the plain layers' numbers: matmul convolutions, the decoder's
-channels_last levels, and both applied to a whole model."""
+channels_last levels, prepacked bf16 weights, and all applied to a whole model."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_
 from test_autoencoder import small_ddconfig
+from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder
+from ldm.runtime import precision_scope
+from ldm.runtime.bf16 import cpu_has_fast_bf16
 from ldm.runtime.fast_paths import (
     MatmulConv2d,
+    PackedLinear,
     apply_cpu_fast_paths,
     use_channels_last_decoder,
     use_matmul_convolutions,
+    use_packed_linears,
+)
+from ldm.runtime.memory import low_precision
+
+needs_onednn_bf16 = pytest.mark.skipif(
+    not cpu_has_fast_bf16(), reason="oneDNN has no bf16 kernels on this CPU"
 )
 
 
@@ -98,3 +109,43 @@ def test_apply_cpu_fast_paths_on_a_model_keeps_its_output(tiny_ldm):
     assert tiny_ldm.first_stage_model.decoder._forward_hooks  # the channels_last levels are installed
     torch.testing.assert_close(eps, plain_eps, rtol=0, atol=1e-5)
     torch.testing.assert_close(image, plain_image, rtol=0, atol=1e-4)
+
+
+@needs_onednn_bf16
+def test_packed_bf16_linear_and_matmul_conv_equal_the_plain_bf16_layers():
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(48, 40).bfloat16(), nn.Conv2d(1024, 16, 3, padding=1).bfloat16()
+    x, maps = torch.randn(2, 7, 48).bfloat16(), torch.randn(2, 1024, 4, 6).bfloat16()
+    with torch.inference_mode():
+        plain = linear(x), conv(maps)
+        switched = use_packed_linears(linear), use_matmul_convolutions(conv), use_packed_linears(conv)
+        packed = linear(x), conv(maps)
+        linear.weight.mul_(2)  # a changed weight is packed again
+        doubled = linear(x)
+    assert switched == (1, 1, 1) and type(linear) is PackedLinear and conv.packed
+    torch.testing.assert_close(packed[0], plain[0], rtol=0, atol=0)  # the same oneDNN product
+    torch.testing.assert_close(packed[1].float(), plain[1].float(), rtol=0.02, atol=0.02)  # bf16 sums' order
+    assert packed[1].shape == (2, 16, 4, 6) and packed[1].is_contiguous()
+    torch.testing.assert_close(
+        doubled.float(), F.linear(x, linear.weight, linear.bias).float(), rtol=0, atol=0
+    )
+    with torch.no_grad():
+        fp32 = nn.Linear(48, 40)
+        use_packed_linears(fp32)
+        torch.testing.assert_close(
+            fp32(x.float()), F.linear(x.float(), fp32.weight, fp32.bias)
+        )  # fp32: plain
+
+
+@needs_onednn_bf16
+def test_bf16_unet_with_packed_weights_gives_the_plain_bf16_eps(tiny_ldm):
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    randomize_(tiny_ldm.model.diffusion_model, std=0.05)
+    low_precision(tiny_ldm, torch.bfloat16)
+    unet = tiny_ldm.model.diffusion_model
+    with torch.inference_mode(), precision_scope("autocast", torch.device("cpu")):
+        plain = tiny_ldm.apply_model(x, t, c).float()
+        assert use_packed_linears(unet) > 10
+        packed = tiny_ldm.apply_model(x, t, c).float()
+    assert plain.abs().max() > 0.1
+    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-6)

@@ -22,7 +22,9 @@ import img2img  # noqa: E402
 import inpaint  # noqa: E402
 import txt2img  # noqa: E402
 
+# --precision full: the references are fp32 (auto is bf16 on CPUs with bf16 units)
 COMMON = ["--ckpt", "shapes", "--device", "cpu", "--no-safety-checker", "--n_iter", "1", "--skip_grid"]
+COMMON += ["--precision", "full"]
 CASES = {
     "txt2img-ddim": (txt2img, ["--prompt", "a red circle on a white background", "--ddim_steps", "8",
                                "--n_samples", "2", "--seed", "3"]),

@@ -14,7 +14,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.tiling import tiled_map
+from ldm.modules.tiling import tiled_blocks
 from ldm.util import instantiate_from_config
 
 
@@ -72,7 +72,7 @@ class AutoencoderKL(pl.LightningModule):
         self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
         self.embed_dim = embed_dim
-        self.tiling: tuple[int, int] | None = None  # (tile, overlap) in latent pixels, see enable_tiling
+        self.tiling: int | None = None  # tile side in latent pixels, see enable_tiling
         if colorize_nlabels is not None:
             self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
         if monitor is not None:
@@ -87,10 +87,15 @@ class AutoencoderKL(pl.LightningModule):
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
         _load_checkpoint(self, path, ignore_keys)
 
-    def enable_tiling(self, tile: int | None = 64, overlap: int = 16) -> None:
-        """Decode latents in tile x tile windows overlapping by `overlap` (latent pixels) and encode images in
-        windows f times that, blending the overlaps (ldm.modules.tiling.tiled_map); None turns tiling off."""
-        self.tiling = None if tile is None else (tile, overlap)
+    def enable_tiling(self, tile: int | None = 64) -> None:
+        """Encode and decode with the memory of `tile` x `tile` latents: every block of the encoder and decoder
+        runs in windows holding at most as many values as the widest layer over a (tile * f)^2-pixel image
+        (ldm.modules.tiling.tiled_blocks), with the same result as untiled. None turns tiling off."""
+        self.tiling = tile
+
+    def _tile_elements(self) -> int:
+        factor = 2 ** (self.decoder.num_resolutions - 1)
+        return (self.tiling * factor) ** 2 * self.decoder.ch
 
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))
@@ -100,21 +105,17 @@ class AutoencoderKL(pl.LightningModule):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Images [B, C, H, W] -> posterior over latents [B, embed_dim, H/f, W/f]."""
-        tiling = self.tiling
-        if tiling is None:
+        if self.tiling is None:
             return DiagonalGaussianDistribution(self._encode_moments(x))
-        factor = 2 ** (self.encoder.num_resolutions - 1)
-        tile, overlap = tiling
-        return DiagonalGaussianDistribution(
-            tiled_map(self._encode_moments, x, tile * factor, overlap * factor)
-        )
+        with tiled_blocks(self.encoder, self._tile_elements()):
+            return DiagonalGaussianDistribution(self._encode_moments(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, embed_dim, h, w] -> images [B, out_ch, h*f, w*f]."""
-        tiling = self.tiling
-        if tiling is None:
+        if self.tiling is None:
             return self._decode(z)
-        return tiled_map(self._decode, z, *tiling)
+        with tiled_blocks(self.decoder, self._tile_elements()):
+            return self._decode(z)
 
     def forward(
         self, input: torch.Tensor, sample_posterior: bool = True

@@ -4,6 +4,8 @@ CPU fast paths). The model classes know nothing of this; the mechanisms live bes
 (`memory`, `fast_paths`, `bf16`)."""
 
 import contextlib
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from ldm.errors import UserError
-from ldm.runtime.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16
+from ldm.runtime.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16, cpu_has_native_bf16
 from ldm.runtime.fast_paths import apply_cpu_fast_paths
 from ldm.runtime.memory import (
     enable_lowvram,
@@ -29,7 +31,7 @@ class RuntimeOptions:
     vae_tiling: bool = False  # VAE in overlapping 64x64-latent tiles
     attention_chunk: int | None = None  # queries per attention call
     lowvram: bool = False  # only the module in use on the GPU
-    threads: int | None = None  # torch CPU threads
+    threads: int | None = None  # torch CPU threads (None: default_threads())
     compile: bool = False  # torch.compile the UNet
 
 
@@ -48,10 +50,21 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """Default precision: autocast (fp16) on CUDA, full (fp32) elsewhere."""
-    if precision is not None:
+    """The precision a run uses: `full` and `autocast` as asked; `auto` (or None) picks autocast on CUDA (fp16),
+    autocast on a CPU with native bf16 units (`cpu_has_native_bf16`: bf16), full elsewhere, and prints the
+    choice."""
+    if precision not in (None, "auto"):
         return precision
-    return "autocast" if device.type == "cuda" else "full"
+    if device.type == "cuda":
+        chosen, why = "autocast", "fp16 on CUDA"
+    elif device.type == "cpu" and cpu_has_native_bf16():
+        chosen, why = "autocast", "bf16: this CPU has bf16 units (AVX512-BF16 or AMX)"
+    elif device.type == "cpu":
+        chosen, why = "full", "fp32: this CPU has no bf16 units"
+    else:
+        chosen, why = "full", f"fp32 on {device.type}"
+    print(f"precision: {chosen} ({why}; --precision full or autocast to choose)")
+    return chosen
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -74,6 +87,32 @@ def precision_scope(precision: str, device: torch.device) -> Iterator[None]:
         yield
 
 
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set, else the number of CPUs this process may run on (its affinity mask;
+    os.cpu_count() where there is none)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def busy_cores_hint(threads: int) -> str | None:
+    """A one-line hint when the 1-minute load average says other processes keep the cores busy, so that
+    `threads` threads would wait for each other (on a busy 2-core machine 1 thread ran 8x faster than 2);
+    None when enough cores are free or the load is unknown."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    free = max(1, math.floor(cpus - load + 0.5))
+    if free >= threads:
+        return None
+    return (
+        f"the CPUs are busy (load average {load:.1f} on {cpus} cores): --threads {free} may run several times "
+        f"faster than {threads}"
+    )
+
+
 def load_device(device: torch.device, options: RuntimeOptions) -> torch.device:
     """Where to load the weights: the CPU under --lowvram (modules move in when used), else `device`."""
     return torch.device("cpu") if options.lowvram else device
@@ -81,7 +120,8 @@ def load_device(device: torch.device, options: RuntimeOptions) -> torch.device:
 
 def prepare(model: nn.Module, device: torch.device, precision: str, options: RuntimeOptions) -> None:
     """Apply the runtime to a loaded LatentDiffusion on `device`: low-precision weights for autocast (fp16 on
-    CUDA, bf16 on the CPU), tiling, attention chunks, threads, compile; on the CPU the fast paths, malloc keeping
+    CUDA, bf16 on the CPU), tiling, attention chunks, threads (`default_threads` on the CPU unless given, with
+    a hint when the cores are busy), compile; on the CPU the fast paths, malloc keeping
     freed activations for reuse, and only the module in use resident; elsewhere --lowvram offloading."""
     dtype = autocast_dtype(precision, device)
     if dtype is not None:
@@ -102,5 +142,10 @@ def prepare(model: nn.Module, device: torch.device, precision: str, options: Run
         enable_lowvram(model, device)
     if options.threads is not None:
         torch.set_num_threads(options.threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(default_threads())
+        hint = busy_cores_hint(torch.get_num_threads())
+        if hint:
+            print(hint)
     if options.compile:
         model.model.diffusion_model.compile()

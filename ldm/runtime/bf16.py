@@ -38,6 +38,14 @@ def cpu_has_fast_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic units that oneDNN uses: x86 AVX512-BF16 or AMX. There bf16 products
+    run about twice as fast as fp32 (BENCHMARKS.md); plain AVX512 only emulates them (`cpu_has_fast_bf16` is True
+    there too), at about fp32 speed, and Arm is not measured yet: both keep fp32 by default."""
+    units = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return cpu_has_fast_bf16() and any(getattr(torch.cpu, name, lambda: False)() for name in units)
+
+
 def _is_bf16(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16
 

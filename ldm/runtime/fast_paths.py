@@ -4,7 +4,10 @@
   as one matrix product over im2col columns, where oneDNN's direct convolution is slow on such narrow maps.
 - The VAE decoder's large levels in channels_last, where oneDNN's convolutions are faster on few-channel,
   large maps.
-Both give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
+- `PackedLinear`: on CPUs with bf16 units, bf16 linear layers (and those matmul convolutions) with their weight
+  handed to oneDNN once in its blocked layout: otherwise oneDNN reorders the whole weight at every call, which
+  costs more than the product itself when few tokens pass through (the UNet's low levels).
+All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
 import torch
@@ -12,6 +15,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder
+from ldm.runtime.bf16 import cpu_has_native_bf16
+
+
+def _packed(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` [out, in] (bf16) in oneDNN's blocked layout, made once per weight (its storage and version: inference
+    tensors cannot change) and kept on `module` (not in its state_dict)."""
+    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+    cached = getattr(module, "_packed_weight", None)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        module._packed_weight = cached
+    return cached[1]
+
+
+def _use_packed(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Packed products are for bf16 inference on the CPU (no autograd through them)."""
+    return weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+def packed_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """F.linear(x, weight, bias) in bf16 with `weight` prepacked (see `_packed`). x [..., in] -> [..., out]."""
+    return torch.ops.mkldnn._linear_pointwise(
+        x.to(weight.dtype), _packed(module, weight), bias, "none", [], ""
+    )
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) whose bf16 weight is prepacked for oneDNN (`packed_linear`) in
+    inference on the CPU; other dtypes, devices and autograd take nn.Linear's path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _use_packed(self.weight, x):
+            return super().forward(x)
+        return packed_linear(self, x, self.weight, self.bias)
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -21,6 +58,7 @@ class MatmulConv2d(nn.Conv2d):
 
     MATMUL_MAX_PIXELS = 64
     MATMUL_MIN_CHANNELS = 1024
+    packed = False  # bf16 weights prepacked for oneDNN (see `use_packed_linears`)
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
         if self.in_channels < self.MATMUL_MIN_CHANNELS or x.shape[-2] * x.shape[-1] > self.MATMUL_MAX_PIXELS:
@@ -35,6 +73,10 @@ class MatmulConv2d(nn.Conv2d):
             return super().forward(x)
         b, _, h, w = x.shape
         columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
+        if self.packed and _use_packed(self.weight, x):
+            rows = columns.transpose(1, 2).reshape(b * h * w, -1)  # [B * H * W, C_in * 9]
+            out = packed_linear(self, rows, self.weight.view(self.out_channels, -1), self.bias)
+            return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2).contiguous()
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H * W]: one product
         weight = self.weight.reshape(self.out_channels, -1)
         out = weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], weight, columns)
@@ -76,10 +118,26 @@ def use_channels_last_decoder(decoder: Decoder) -> None:
     decoder.register_forward_hook(_contiguous_output)
 
 
+def use_packed_linears(module: nn.Module) -> int:
+    """Make every nn.Linear of `module` a `PackedLinear` and let its `MatmulConv2d`s prepack too (in place: the
+    same parameters); they take the packed path only with bf16 weights. Returns how many layers were switched."""
+    switched = 0
+    for layer in module.modules():
+        if type(layer) is nn.Linear:
+            layer.__class__ = PackedLinear
+            switched += 1
+        elif isinstance(layer, MatmulConv2d):
+            layer.packed = True
+            switched += 1
+    return switched
+
+
 def apply_cpu_fast_paths(model: nn.Module) -> None:
-    """The CPU fast paths on a LatentDiffusion: matmul convolutions in the UNet, channels_last in the VAE
-    decoder's large levels."""
+    """The CPU fast paths on a LatentDiffusion: matmul convolutions in the UNet, prepacked bf16 weights there on
+    CPUs with bf16 units, channels_last in the VAE decoder's large levels."""
     use_matmul_convolutions(model.model.diffusion_model)
+    if cpu_has_native_bf16():
+        use_packed_linears(model.model.diffusion_model)
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):
         use_channels_last_decoder(decoder)

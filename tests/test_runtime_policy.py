@@ -1,0 +1,93 @@
+"""Runtime policy decisions, with the machine's capabilities monkeypatched: `--precision auto` (bf16 only on
+CPUs with bf16 units) and the default thread count with its busy-cores hint."""
+
+import os
+
+import pytest
+import torch
+
+import ldm.runtime
+import ldm.runtime.bf16
+from ldm.runtime import busy_cores_hint, default_threads, resolve_precision
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+
+
+def cpu(monkeypatch, *, onednn_bf16: bool, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(ldm.runtime.bf16, "cpu_has_fast_bf16", lambda: onednn_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize(
+    "onednn_bf16, avx512_bf16, amx, expected",
+    [
+        (True, True, False, "autocast"),  # Zen 4, Cooper Lake: AVX512-BF16
+        (True, False, True, "autocast"),  # Sapphire Rapids: AMX
+        (True, False, False, "full"),  # plain AVX512: oneDNN emulates bf16, no faster than fp32
+        (False, False, False, "full"),  # AVX2 only
+        (False, True, False, "full"),  # a torch built without oneDNN has no bf16 kernels to use
+    ],
+)
+def test_auto_precision_is_bf16_only_with_bf16_units(
+    monkeypatch, capsys, onednn_bf16, avx512_bf16, amx, expected
+):
+    cpu(monkeypatch, onednn_bf16=onednn_bf16, avx512_bf16=avx512_bf16, amx=amx)
+    assert resolve_precision("auto", CPU) == expected
+    assert resolve_precision(None, CPU) == expected
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0].startswith(f"precision: {expected} (")
+    assert ("bf16" if expected == "autocast" else "fp32") in printed[0]
+
+
+def test_auto_precision_elsewhere_and_explicit_choices(monkeypatch, capsys):
+    cpu(monkeypatch, onednn_bf16=True, avx512_bf16=True, amx=True)
+    assert resolve_precision("auto", CUDA) == "autocast"
+    assert resolve_precision("auto", MPS) == "full"
+    assert capsys.readouterr().out.count("precision: ") == 2
+    for precision in ("full", "autocast"):  # asked for: kept, nothing printed
+        for device in (CPU, CUDA):
+            assert resolve_precision(precision, device) == precision
+    assert capsys.readouterr().out == ""
+
+
+def test_default_threads_is_the_affinity_mask_unless_omp_says(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert default_threads() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert default_threads() == 8
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert default_threads() == 2
+
+
+@pytest.mark.parametrize(
+    "load, cpus, threads, suggested",
+    [(0.2, 2, 2, None), (1.0, 2, 2, 1), (9.8, 2, 2, 1), (3.0, 8, 8, 5), (3.0, 8, 4, None), (7.9, 8, 1, None)],
+)
+def test_busy_cores_hint_suggests_the_free_cores(monkeypatch, load, cpus, threads, suggested):
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    hint = busy_cores_hint(threads)
+    if suggested is None:
+        assert hint is None
+    else:
+        assert f"--threads {suggested} " in hint and f"load average {load:.1f} on {cpus} cores" in hint
+        assert "\n" not in hint
+
+
+def test_prepare_sets_the_default_threads_and_prints_the_hint(tiny_ldm, monkeypatch, capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.5, 6.0, 5.0))
+    before = torch.get_num_threads()
+    try:
+        ldm.runtime.prepare(tiny_ldm, CPU, "full", ldm.runtime.RuntimeOptions())
+        assert torch.get_num_threads() == 2
+        assert "--threads 1 may run" in capsys.readouterr().out
+        ldm.runtime.prepare(tiny_ldm, CPU, "full", ldm.runtime.RuntimeOptions(threads=1))
+        assert torch.get_num_threads() == 1 and capsys.readouterr().out == ""
+    finally:
+        torch.set_num_threads(before)
