@@ -1,8 +1,9 @@
 """Images of the three scripts with the bundled `shapes` model, pinned: a refactor must not change a pixel.
 
-The references in tests/data/pinned/ were drawn on the CPU named in its capability.txt (torch's CPU kernel
-level, e.g. AVX512): there each image must be bit-identical. Other CPUs run other float kernels, which may move
-a pixel by a level here and there, so there the images must be within rounding of the references.
+The references in tests/data/pinned/ were drawn where its capability.txt says (torch's CPU kernel level, e.g.
+AVX512, torch's version and thread count): there each image must be bit-identical. Other CPUs and thread counts
+sum in another order, which may move a pixel by a level here and there, so there the images must be within
+rounding of the references.
 `LDM_RECORD_PINNED=1 pytest tests/test_pinned_images.py` re-draws the references (only after a deliberate change).
 """
 
@@ -51,7 +52,9 @@ def inputs(directory: Path) -> list[str]:
 
 
 def capability() -> str:
-    return f"{torch.backends.cpu.get_cpu_capability()} torch {torch.__version__.split('+')[0]}"
+    """What decides the float kernels' rounding: the CPU's kernel level, torch, and the thread count."""
+    version = torch.__version__.split("+")[0]
+    return f"{torch.backends.cpu.get_cpu_capability()} torch {version} threads {torch.get_num_threads()}"
 
 
 @pytest.mark.parametrize("case", CASES)

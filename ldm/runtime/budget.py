@@ -9,7 +9,7 @@ GIB = 2**30
 # Activation bytes, measured order of magnitude for the SD v1 networks in fp32 (lower bounds on purpose):
 UNET_BYTES_PER_LATENT_PIXEL = 25_000  # per batch entry (guidance doubles the batch), flash attention
 VAE_BYTES_PER_PIXEL = 2_000  # decoder/encoder per image pixel, untiled
-VAE_TILE_PIXELS = 512 * 512  # what a tile of --vae-tiling decodes at once
+VAE_TILED_FRACTION = 0.5  # --vae-tiling keeps the maps between blocks whole: about half the untiled peak
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def estimate(height: int, width: int, batch: int, guided: bool, tiled: bool, wei
     latent_pixels = (height // 8) * (width // 8)
     pixels = height * width
     unet = UNET_BYTES_PER_LATENT_PIXEL * latent_pixels * batch * (2 if guided else 1)
-    vae = VAE_BYTES_PER_PIXEL * (min(pixels, VAE_TILE_PIXELS) if tiled else pixels) * batch
+    vae = int(VAE_BYTES_PER_PIXEL * pixels * batch * (VAE_TILED_FRACTION if tiled else 1.0))
     return Estimate(weights, unet, vae)
 
 
