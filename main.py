@@ -29,6 +29,7 @@ from ldm.training import (
     AtomicCheckpointIO,
     ImageLogger,  # noqa: F401  (configs name main.ImageLogger)
     ModelCheckpoint,
+    ProgressBar,
     SaveOnSignal,
     SetupCallback,
     instantiate_checked,
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         SaveOnSignal(ckptdir / "last.ckpt"),
         *(instantiate_checked(cfg, f"lightning.callbacks.{name}") for name, cfg in callbacks_config.items()),
     ]
+    if trainer_config.get("enable_progress_bar", True):
+        callbacks.append(ProgressBar())
 
     trainer_args = {k: v for k, v in trainer_config.items() if not k.startswith("_")}
     try:

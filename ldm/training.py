@@ -9,7 +9,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from omegaconf import OmegaConf
 from PIL import Image
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -297,3 +297,18 @@ class ImageLogger(Callback):
     ) -> None:
         if not self.disabled and pl_module.global_step > 0:
             self.log_img(trainer, pl_module, batch, batch_idx, split="val")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar with a total that holds after a resume: an epoch resumed after b of its batches, with
+    max_steps and no max_epochs, has b + (max_steps - global_step) batches left to show, not max_steps -
+    global_step (Lightning's bar then counted "54/40"); the epoch is shown without Lightning's rich bar's
+    "/-2" for an unbounded max_epochs."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+            done = max(trainer.fit_loop.epoch_loop.batch_progress.current.ready, 0)
+            return min(trainer.num_training_batches, done + trainer.max_steps - trainer.global_step)
+        return trainer.num_training_batches

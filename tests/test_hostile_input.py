@@ -187,3 +187,33 @@ def test_seed_minus_one_picks_a_random_seed_and_records_it(files, tmp_path, caps
     txt2img.main(argv(files, tmp_path / "out", ["--seed", "-1", "--skip_grid"]))
     seed = read_parameters(tmp_path / "out" / "samples" / "00000.png")["seed"]
     assert f"seed -1: picked seed {seed}" in capsys.readouterr().out and seed >= 0
+
+
+MAIN_CASES = [
+    ("invalid-yaml", ["-b", "{d}/invalid.yaml", "-t"], "is not valid YAML"),
+    ("unknown-target", ["-b", "{d}/unknown.yaml", "-t"], "unknown target 'ldm.nope.Model'"),
+    ("unknown-param", ["-b", TINY, "tests/configs/tiny-train.yaml", "-t", "model.params.nonexistent=3"],
+     "takes no parameter 'nonexistent'"),
+    ("wrong-type", ["-b", TINY, "tests/configs/tiny-train.yaml", "-t", "lightning.trainer.max_steps=abc"],
+     "lightning.trainer.max_steps must be a whole number, got 'abc'"),
+    ("negative-batch", ["-b", TINY, "tests/configs/tiny-train.yaml", "-t", "data.params.batch_size=-1"],
+     "data.params.batch_size must be a positive whole number, got -1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, args, message", MAIN_CASES, ids=[c[0] for c in MAIN_CASES])
+def test_main_py_config_mistakes_are_one_line(files, tmp_path, case, args, message):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env.pop("LDM_RUN_TIMESTAMP", None)
+    args = [
+        a.format(d=files) if a.startswith("{d}") else str(ROOT / a) if a.endswith(".yaml") else a
+        for a in args
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "-l", str(tmp_path / "logs"), *args],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("logs/*/checkpoints/*"))

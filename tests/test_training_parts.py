@@ -423,3 +423,24 @@ def test_last_checkpoint_follows_training_when_the_metric_stops_improving(tmp_pa
         "last.ckpt",
     ]  # best: the first
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_progress_bar_total_holds_after_a_resume_mid_epoch():
+    """Resumed 4 batches into a 16-batch epoch at global step 20 with max_steps 30: 14 batches to show (Lightning's
+    own bar said 10 and counted past it, "14/9"); a bounded max_epochs is left to Lightning's count."""
+    from types import SimpleNamespace
+
+    from ldm.training import ProgressBar
+
+    progress = SimpleNamespace(current=SimpleNamespace(ready=4))
+    trainer = SimpleNamespace(
+        max_epochs=-1, max_steps=30, global_step=20, num_training_batches=16,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+    )  # fmt: skip
+    bar = ProgressBar()
+    bar._trainer = trainer
+    assert bar.total_train_batches == 14
+    trainer.global_step, progress.current.ready = 16, 0  # a fresh epoch
+    assert bar.total_train_batches == 14
+    trainer.max_epochs = 3
+    assert bar.total_train_batches == 16
