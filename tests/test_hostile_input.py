@@ -52,7 +52,7 @@ CASES = [
     ("huge-size", "txt2img", ["--W", "100000", "--H", "512", "--no-safety-checker"], "needs about", True),
     ("config-runs-code", "txt2img", ["--config", "{d}/os-system.yaml"], "is outside ldm., torch.", True),
     ("config-unknown-target", "txt2img", ["--config", "{d}/unknown.yaml"], "unknown target 'ldm.nope.Model'", True),
-    ("config-extra-param", "txt2img", ["--config", "{d}/extra-param.yaml"], "don't fit", True),
+    ("config-extra-param", "txt2img", ["--config", "{d}/extra-param.yaml"], "takes no parameter 'nonexistent'", True),
     ("config-invalid-yaml", "txt2img", ["--config", "{d}/invalid.yaml"], "is not valid YAML", True),
     ("ckpt-truncated", "txt2img", ["--ckpt", "{d}/truncated.ckpt"], "is not a readable checkpoint", False),
     ("ckpt-empty", "txt2img", ["--ckpt", "{d}/empty.safetensors"], "is empty", False),
