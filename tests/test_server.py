@@ -369,5 +369,5 @@ def test_an_unreadable_safetensors_file_is_a_user_error(models_dir):
     from ldm.loading import load_config, load_model
 
     broken = models_dir / "ldm" / "broken" / "model.safetensors"
-    with pytest.raises(UserError, match="not a readable .safetensors file"):
+    with pytest.raises(UserError, match="is not a readable checkpoint"):
         load_model(load_config(str(SHAPES.config)), broken, "cpu")
