@@ -76,7 +76,9 @@ def test_generate_from_the_page(browser, tmp_path):
             lambda: browser.execute_script("return arguments[0].naturalWidth", image) == 64, 10, "decoding"
         )
         caption = browser.find_element(By.CSS_SELECTOR, "#results figcaption").text
-        assert caption.startswith(PROMPT) and "Seed: 1234" in caption and "Steps: 80" in caption  # A1111 infotext
+        assert (
+            caption.startswith(PROMPT) and "Seed: 1234" in caption and "Steps: 80" in caption
+        )  # A1111 infotext
         assert "Done: 1 image" in browser.find_element(By.ID, "status").text
         wait_until(lambda: browser.find_element(By.ID, "generate").is_enabled(), 10, "the button back")
         browser.execute_script("window.scrollTo(0, 0)")
