@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ldm.errors import UserError
 
+PROBE_BYTES = 256 * 1024  # about one PNG: what the output-folder probe writes
 _TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")
 
 
@@ -73,8 +74,10 @@ def check_output_folder(folder: str, flag: str = "--outdir") -> Path:
         what = "is" if existing == path else f"is under {existing}, which is"
         raise UserError(f"{flag} {folder} {what} not a folder: pass a folder path")
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        with tempfile.TemporaryFile(dir=existing) as probe:  # a full disk fails here, not after sampling
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as error:
         reason = error.strerror or str(error)
         raise UserError(

@@ -217,3 +217,23 @@ def test_main_py_config_mistakes_are_one_line(files, tmp_path, case, args, messa
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.glob("logs/*/checkpoints/*"))
+
+
+def test_a_full_filesystem_is_refused_before_any_work(tmp_path):
+    """A tiny tmpfs, filled up (needs root and mount; skipped where the sandbox forbids it)."""
+    from ldm.errors import UserError
+    from ldm.files import check_output_folder
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mount / "fill").write_bytes(bytes(128 * 1024))
+        with pytest.raises(UserError, match="No space left on device"):
+            check_output_folder(str(mount / "out"))
+        assert not (mount / "out").exists()
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
