@@ -225,7 +225,7 @@ def test_listing_endpoints(client, engine):
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == engine.title() and engine.session.model_hash in engine.title()
     assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
-    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}  # no models/embeddings
     assert client.get("/sdapi/v1/loras").json() == []
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] > memory["ram"]["free"] > 0 and memory["ram"]["process"] > 0
@@ -371,3 +371,21 @@ def test_an_unreadable_safetensors_file_is_a_user_error(models_dir):
     broken = models_dir / "ldm" / "broken" / "model.safetensors"
     with pytest.raises(UserError, match="is not a readable checkpoint"):
         load_model(load_config(str(SHAPES.config)), broken, "cpu")
+
+
+def test_embeddings_lists_the_files_that_fit_the_model(client, engine, models_dir):
+    import safetensors.torch
+    import torch
+
+    folder = models_dir / "embeddings"
+    folder.mkdir(exist_ok=True)
+    width = engine.session.model.cond_stage_model.hidden_size
+    safetensors.torch.save_file({"emb_params": torch.randn(2, width)}, folder / "my-style.safetensors")
+    safetensors.torch.save_file({"emb_params": torch.randn(1, width + 1)}, folder / "other-model.safetensors")
+    try:
+        listed = client.get("/sdapi/v1/embeddings").json()
+    finally:
+        for path in folder.iterdir():
+            path.unlink()
+    assert listed["loaded"]["my-style"]["vectors"] == 2 and listed["loaded"]["my-style"]["shape"] == width
+    assert list(listed["skipped"]) == ["other-model"]

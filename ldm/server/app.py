@@ -287,7 +287,25 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
 
     @app.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse)
     def embeddings() -> dict:
-        return {"loaded": {}, "skipped": {}}  # textual-inversion embeddings are not supported yet
+        """The textual-inversion files under models/embeddings, as A1111 lists them: those that fit the loaded
+        model's text encoder, and those that do not (with the reason)."""
+        from ldm.errors import UserError
+        from ldm.prompts.embeddings import SUFFIXES, load_embedding
+
+        folder = engine.models_dir / "embeddings"
+        width = getattr(engine.session.model.cond_stage_model, "hidden_size", None)
+        loaded, skipped = {}, {}
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.suffix.lower() not in SUFFIXES or not path.is_file():
+                continue
+            try:
+                embedding = load_embedding(path, width)
+            except UserError as error:
+                skipped[path.stem] = {"error": str(error)}
+                continue
+            loaded[embedding.name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                      "shape": embedding.vectors.shape[-1], "vectors": embedding.num_vectors}  # fmt: skip
+        return {"loaded": loaded, "skipped": skipped}
 
     @app.get("/sdapi/v1/loras", response_model=list[LoraItem])
     def loras() -> list[dict]:
