@@ -240,7 +240,7 @@ def run(plan: Plan, engine: Engine, job: Job, save_outputs: bool) -> Result:
             first = opt.seed + index * opt.n_samples
             seeds = list(range(first, first + opt.n_samples))
             try:
-                images = render_batch(view, render, opt.n_samples * [opt.prompt], seeds, job.on_step)
+                images = render_batch(view, render, opt.n_samples * [opt.prompt], seeds, job.on_step, steps)
             except Skipped:
                 continue
             except Interrupted:
