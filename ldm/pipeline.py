@@ -357,6 +357,27 @@ def generate(
     )
 
 
+class StopSampling(Exception):
+    """Raised by a sampler step callback to end a batch early: txt2img and inpaint then decode the sampler's
+    last estimate of the final latents (what AUTOMATIC1111's interrupt returns)."""
+
+
+def sample_until_stopped(run: Callable[[Callable], torch.Tensor]) -> torch.Tensor:
+    """`run(img_callback)`'s latents, or, when a step callback raised StopSampling, the last denoised estimate
+    the sampler reported to `img_callback` (StopSampling again when it had reported none)."""
+    latest: list[torch.Tensor] = []
+
+    def keep(pred_x0: torch.Tensor, step: int) -> None:
+        latest[:] = [pred_x0]
+
+    try:
+        return run(keep)
+    except StopSampling:
+        if not latest:
+            raise
+        return latest[0]
+
+
 def is_k_sampler(sampler: Any) -> bool:
     """A sampler of the k-diffusion family (it has noise schedules; each image draws from its own generator)."""
     return getattr(sampler, "default_scheduler", None) is not None
@@ -397,11 +418,11 @@ def txt2img_render(session: Session) -> Render:
 
     def render(batch: Batch) -> list[Image.Image]:
         x_T, generators = seeded_noise(session, batch, shape)
-        samples, _ = session.sampler.sample(
+        samples = sample_until_stopped(lambda keep: session.sampler.sample(
             S=opt.ddim_steps, conditioning=batch.c, batch_size=len(batch.prompts), shape=shape,
             verbose=False, unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
-            x_T=x_T, callback=batch.callback, **sampler_options(session, batch, generators),
-        )  # fmt: skip
+            x_T=x_T, callback=batch.callback, img_callback=keep, **sampler_options(session, batch, generators),
+        )[0])  # fmt: skip
         return to_pil(session.model.decode_first_stage(samples))
 
     return render
@@ -469,12 +490,15 @@ def inpaint_render(
             c_concat = [inpainting_concat(model, posterior, repaint, generators)]
             uc = None if batch.uc is None else {"c_concat": c_concat, "c_crossattn": [batch.uc]}
             cond = {"c_concat": c_concat, "c_crossattn": [batch.c]}
-            samples, _ = sampler.sample(conditioning=cond, unconditional_conditioning=uc, **kwargs)
+            samples = sample_until_stopped(lambda step_x0: sampler.sample(
+                conditioning=cond, unconditional_conditioning=uc, img_callback=step_x0, **kwargs
+            )[0])  # fmt: skip
         else:
             z0 = encode_image(model, posterior, generators)
-            samples, _ = sampler.sample(
-                conditioning=batch.c, unconditional_conditioning=batch.uc, mask=keep, x0=z0, **kwargs
-            )
+            samples = sample_until_stopped(lambda step_x0: sampler.sample(
+                conditioning=batch.c, unconditional_conditioning=batch.uc, mask=keep, x0=z0,
+                img_callback=step_x0, **kwargs,
+            )[0])  # fmt: skip
             samples = keep * z0 + (1.0 - keep) * samples  # the decoder sees the image's own kept latents
         return [resize_image(result, size) for result in to_pil(model.decode_first_stage(samples))]
 

@@ -389,3 +389,16 @@ def test_embeddings_lists_the_files_that_fit_the_model(client, engine, models_di
             path.unlink()
     assert listed["loaded"]["my-style"]["vectors"] == 2 and listed["loaded"]["my-style"]["shape"] == width
     assert list(listed["skipped"]) == ["other-model"]
+
+
+def test_interrupt_returns_the_running_batch_from_the_samplers_estimate(client):
+    """As A1111: stopping mid-batch decodes the sampler's last denoised estimate instead of dropping it."""
+    request = {"prompt": PROMPT, "seed": 60, "steps": 150, "n_iter": 1, "force_task_id": "cut"}
+    thread, out = run_in_thread(client, "/sdapi/v1/txt2img", request)
+    wait_for(client, lambda p: p["state"]["job"] == "cut" and p["state"]["sampling_step"] >= 5)
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    thread.join(60)
+    body = out["response"].json()
+    info = json.loads(body["info"])
+    assert info["interrupted"] and info["all_seeds"] == [60] and len(body["images"]) == 1
+    assert decoded(body["images"][0]).size == (64, 64)

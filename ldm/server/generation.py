@@ -243,7 +243,7 @@ def run(plan: Plan, engine: Engine, job: Job, save_outputs: bool) -> Result:
                 images = render_batch(view, render, opt.n_samples * [opt.prompt], seeds, job.on_step, steps)
             except Skipped:
                 continue
-            except Interrupted:
+            except Interrupted:  # stopped before the sampler had an estimate to show (or in img2img)
                 result.interrupted = True
                 break
             for image, seed in zip(images, seeds, strict=True):
@@ -254,6 +254,9 @@ def run(plan: Plan, engine: Engine, job: Job, save_outputs: bool) -> Result:
                     image_metadata(plan.script, opt, session.model_hash, opt.prompt, seed, extra)
                 )
                 job.latest_image = image
+            if job.interrupted:  # the batch just added was stopped part-way: nothing after it runs
+                result.interrupted = True
+                break
         job.batch = opt.n_iter
     if save_outputs:
         save(result, folder, view)

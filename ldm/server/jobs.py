@@ -11,9 +11,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from ldm.pipeline import StopSampling
 
-class Interrupted(Exception):
-    """Raised from a sampler step callback: stop the job, keep the images it finished."""
+
+class Interrupted(StopSampling):
+    """Raised from a sampler step callback: stop the job; the running batch is decoded from the sampler's last
+    estimate (as A1111 returns it) and kept with the images finished before."""
 
 
 class Skipped(Exception):
