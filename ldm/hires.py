@@ -21,6 +21,14 @@ UPSCALERS: dict[str, tuple[str, str | None, bool]] = {
 }
 TILED_VAE_FROM = 1024  # on the CPU the VAE runs tiled from this many pixels on a side, unless --no-vae-tiling
 SIDES = ("left", "right", "top", "bottom")
+SECOND_PASS_FLAGS = (
+    "hr_upscaler",
+    "hr_steps",
+    "hr_strength",
+    "hr_sampler",
+    "hr_prompt",
+    "hr_negative_prompt",
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ def hires_options(opt: argparse.Namespace, multiple: int) -> Hires | None:
     size a multiple of `multiple` and larger than --W x --H."""
     sized = opt.hr_width is not None or opt.hr_height is not None
     if opt.hr_scale is None and not sized:
-        for flag in ("hr_upscaler", "hr_steps", "hr_strength", "hr_sampler", "hr_prompt", "hr_negative_prompt"):
+        for flag in SECOND_PASS_FLAGS:
             if getattr(opt, flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} is for the hires fix: add --hr-scale 2")
         return None

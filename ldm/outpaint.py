@@ -25,7 +25,8 @@ def outpaint_canvas(
     pixels = np.asarray(image, dtype=np.uint8)
     padding = ((top, bottom), (left, right), (0, 0))
     edges = Image.fromarray(np.pad(pixels, padding, mode="edge"))
-    blurred = np.asarray(edges.filter(ImageFilter.GaussianBlur(max(left, right, top, bottom) / 4)), np.float32)
+    radius = max(left, right, top, bottom) / 4
+    blurred = np.asarray(edges.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
     noise = np.random.default_rng(seed).normal(0.0, FILL_NOISE, blurred.shape)
     fill = np.clip(np.round(blurred + noise), 0, 255).astype(np.uint8)
     fill[top : top + image.height, left : left + image.width] = pixels

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm, trange
 
@@ -436,10 +437,11 @@ def hires_render(session: Session, hires: Any) -> Render:
 
     def upscale(samples: torch.Tensor, generators: list) -> torch.Tensor:
         if mode is not None:
-            return torch.nn.functional.interpolate(samples.float(), size=shape[1:], mode=mode, antialias=antialias)
+            return F.interpolate(samples.float(), size=shape[1:], mode=mode, antialias=antialias)
         from ldm.image_input import image_to_tensor
 
-        images = [image.resize((hires.width, hires.height), resample) for image in to_pil(model.decode_first_stage(samples))]
+        size = (hires.width, hires.height)
+        images = [image.resize(size, resample) for image in to_pil(model.decode_first_stage(samples))]
         return torch.cat([
             encode_image(model, model.encode_first_stage(image_to_tensor(image).to(session.device)), [generator])
             for image, generator in zip(images, generators, strict=True)
