@@ -169,3 +169,22 @@ def test_vae_tiles_by_default_on_the_cpu_from_1024_pixels():
     assert not tiled(512, 1000) and not tiled(2048, 2048, no_vae_tiling=True)
     with pytest.raises(UserError):
         decide_vae_tiling(argparse.Namespace(vae_tiling=True, no_vae_tiling=True, device="cpu"), 64, 64)
+
+
+def test_hires_infotext_fields():
+    """A1111 writes Hires upscale for a scale, Hires resize-1/-2 for a size, and the second pass's own sampler."""
+    from ldm.infotext import record_infotext
+
+    base = {"prompt": "p", "steps": 20, "sampler": "euler_a", "width": 512, "height": 512, "seed": 1}
+    hires = {"hr_width": 1024, "hr_height": 768, "hr_upscaler": "latent-bicubic", "hr_steps": 10,
+             "hr_strength": 0.55, "hr_sampler": "dpmpp_2m"}  # fmt: skip
+    sized = parse_infotext(record_infotext({**base, **hires}))
+    assert (sized["Hires resize-1"], sized["Hires resize-2"]) == (
+        "1024",
+        "768",
+    ) and "Hires upscale" not in sized
+    assert sized["Hires upscaler"] == "Latent (bicubic)" and sized["Hires sampler"] == "DPM++ 2M"
+    assert sized["Denoising strength"] == "0.55" and sized["Size"] == "512x512"
+    scaled = parse_infotext(record_infotext({**base, **hires, "hr_scale": 2.0}))
+    assert scaled["Hires upscale"] == "2.0" and "Hires resize-1" not in scaled
+    assert not any(key.startswith("Hires") for key in parse_infotext(record_infotext(base)))
