@@ -16,6 +16,7 @@ from typing import Any
 
 from ldm.errors import UserError
 from ldm.files import check_output_folder
+from ldm.hires import TILED_VAE_FROM, UPSCALERS, outpaint_flag, positive_strength
 from ldm.loading import DEFAULT_CKPT, DEFAULT_CONFIG
 from ldm.models.diffusion.registry import SAMPLERS, SCHEDULERS, canonical_scheduler, split_sampler_name
 
@@ -182,6 +183,36 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--compile", "torch.compile the UNet (the first step then includes compiling)", type=None),
     Flag("--max-pixels", "refuse input images with more pixels than this (2048x2048 by default)", type=int,
          default=DEFAULT_MAX_PIXELS, check=at_least(1), scripts=WITH_IMAGE, image=True),
+    Flag("--no-vae-tiling", f"never tile the VAE (by default it is tiled on the CPU from {TILED_VAE_FROM} px on a "
+         "side, to bound memory)", type=None, image=True),
+    Flag("--hr-scale", "hires fix: render at --W x --H, upscale by this factor and refine with an img2img pass "
+         "(A1111's Hires upscale)", type=float, check=finite(1.0), scripts=("txt2img",), image=True),
+    Flag("--hr-width", "hires fix: the final width (instead of --hr-scale; alone, the aspect ratio is kept)",
+         type=int, check=at_least(8), scripts=("txt2img",), image=True),
+    Flag("--hr-height", "hires fix: the final height (instead of --hr-scale; alone, the aspect ratio is kept)",
+         type=int, check=at_least(8), scripts=("txt2img",), image=True),
+    Flag("--hr-upscaler", "hires fix: latent* upscale the latents (latent: A1111's 'Latent', bilinear); lanczos "
+         "and nearest decode, upscale the pixels and encode (default latent)", choices=tuple(UPSCALERS),
+         scripts=("txt2img",), image=True),
+    Flag("--hr-steps", "hires fix: sampler steps of the second pass (default: --ddim_steps)", type=int,
+         check=between(1, 1000), scripts=("txt2img",), image=True),
+    Flag("--hr-strength", "hires fix: denoising strength of the second pass (A1111's Denoising strength; "
+         "default 0.7)", type=float, check=positive_strength, scripts=("txt2img",), image=True),
+    Flag("--hr-sampler", "hires fix: the second pass's sampler (default: --sampler's)", scripts=("txt2img",),
+         image=True, metavar="NAME"),
+    Flag("--hr-prompt", "hires fix: the second pass's prompt (default: --prompt)", scripts=("txt2img",),
+         image=True),
+    Flag("--hr-negative-prompt", "hires fix: the second pass's negative prompt (default: --negative-prompt)",
+         scripts=("txt2img",), image=True),
+    Flag("--scale-by", "upscale the input by this factor, then refine it (the result's size)", type=float,
+         check=finite(0.05), scripts=("img2img",), image=True),
+    Flag("--W", "the result's width (default: the input's; alone, the aspect ratio is kept)", type=int,
+         check=at_least(8), scripts=("img2img",), image=True, key="target_width"),
+    Flag("--H", "the result's height (default: the input's; alone, the aspect ratio is kept)", type=int,
+         check=at_least(8), scripts=("img2img",), image=True, key="target_height"),
+    Flag("--outpaint", "extend the image: SIDE=PIXELS pairs, e.g. left=128,top=64 (multiples of 8); the new "
+         "border is painted, the image's own pixels are kept exactly (--mask optional)", type=outpaint_flag,
+         scripts=("inpaint",), image=True, metavar="SIDES"),
 )  # fmt: skip
 
 

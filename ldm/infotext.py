@@ -109,6 +109,7 @@ def record_infotext(record: Mapping[str, Any]) -> str:
     k_family = sampler is not None and sampler not in _DDIM_FAMILY
     width, height = record.get("width"), record.get("height")
     subseed = record.get("subseed")
+    hires = record.get("hr_width") is not None
     fields = {
         "Steps": record.get("steps"),
         "Sampler": display_name(sampler) if sampler else None,
@@ -119,7 +120,8 @@ def record_infotext(record: Mapping[str, Any]) -> str:
         "Model hash": record.get("model_hash"),
         "Model": str(record["model"]).rsplit(".", 1)[0] if record.get("model") else None,
         "VAE": record.get("vae"),
-        "Denoising strength": record.get("strength"),
+        "Denoising strength": record.get("hr_strength") if hires else record.get("strength"),
+        **(hires_fields(record) if hires else {}),
         "Clip skip": record.get("clip_skip") if record.get("clip_skip", 1) != 1 else None,
         "Eta DDIM": record.get("eta") if sampler == "ddim" and record.get("eta") else None,
         "Eta": record.get("ancestral_eta") if k_family else None,
@@ -130,6 +132,24 @@ def record_infotext(record: Mapping[str, Any]) -> str:
     }
     prompt = record.get("prompt", "\n".join(record.get("prompts", [])))
     return format_infotext(prompt, record.get("negative_prompt", ""), fields)
+
+
+def hires_fields(record: Mapping[str, Any]) -> dict:
+    """A1111's infotext fields of a hires fix record (ldm.hires.hires_record's keys and the --hr-* flags')."""
+    from ldm.hires import UPSCALERS
+
+    scale = record.get("hr_scale")
+    sampler = record.get("hr_sampler")
+    return {
+        "Hires upscale": scale,
+        "Hires resize-1": record.get("hr_width") if scale is None else None,
+        "Hires resize-2": record.get("hr_height") if scale is None else None,
+        "Hires steps": record.get("hr_steps"),
+        "Hires upscaler": UPSCALERS[record["hr_upscaler"]][0] if record.get("hr_upscaler") else None,
+        "Hires sampler": display_name(sampler) if sampler else None,
+        "Hires prompt": record.get("hr_prompt"),
+        "Hires negative prompt": record.get("hr_negative_prompt"),
+    }
 
 
 def read_png_parameters(path: Any) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm, trange
 
@@ -181,22 +182,25 @@ def report_step_times(batches: list[list[float]]) -> None:
         print(f"Sampler steps: first {first:.2f} s, then {rest[len(rest) // 2]:.2f} s per step (median)")
 
 
-def conditionings(session: Session, prompts: list[str], steps: int) -> tuple[Any, Any]:
-    """(c, uc) of a batch: the prompts' conditioning, and the negative prompt's (None when --scale is 1, which
-    needs none). With the A1111 prompt language both may change over the `steps` sampler steps (prompt editing)
-    and are padded to the same length; plain text is the original's `get_learned_conditioning`, its uc cached
-    per batch size on the session."""
+def conditionings(
+    session: Session, prompts: list[str], steps: int, negative_prompt: str | None = None
+) -> tuple[Any, Any]:
+    """(c, uc) of a batch: the prompts' conditioning, and the negative prompt's (--negative-prompt unless
+    `negative_prompt` is given; None when --scale is 1, which needs none). With the A1111 prompt language both
+    may change over the `steps` sampler steps (prompt editing) and are padded to the same length; plain text is
+    the original's `get_learned_conditioning`, its uc cached per batch size on the session."""
     opt, model = session.opt, session.model
+    negative = opt.negative_prompt if negative_prompt is None else negative_prompt
     n = len(prompts)
     if session.prompt_encoder is not None:
         from ldm.prompts import encode_conditioning
 
-        c, uc = encode_conditioning(session.prompt_encoder, prompts, n * [opt.negative_prompt], steps)
+        c, uc = encode_conditioning(session.prompt_encoder, prompts, n * [negative], steps)
         return c, uc if opt.scale != 1.0 else None
-    warn_truncated(session, [*prompts, opt.negative_prompt])
-    cache, key = session.uc_cache, (n, opt.negative_prompt)
+    warn_truncated(session, [*prompts, negative])
+    cache, key = session.uc_cache, (n, negative)
     if opt.scale != 1.0 and key not in cache:
-        cache[key] = model.get_learned_conditioning(n * [opt.negative_prompt])
+        cache[key] = model.get_learned_conditioning(n * [negative])
     return model.get_learned_conditioning(prompts), cache.get(key) if opt.scale != 1.0 else None
 
 
@@ -398,13 +402,15 @@ def seeded_noise(session: Session, batch: Batch, shape: tuple[int, ...]) -> tupl
     return x_T.to(session.device), generators
 
 
-def sampler_options(session: Session, batch: Batch, generators: list, decode: bool = False) -> dict:
-    """The sampler keywords of the options. The k-diffusion samplers continue each image's own generator
-    (A1111's "CPU" RNG: an image never depends on its batch) with --eta, --s_noise and --quantize-t (and the
-    schedule, which `decode` takes from make_schedule); DDIM's eta noise comes from `batch.generator`, as it
-    always has (its eta is set by make_schedule for `decode`)."""
+def sampler_options(
+    session: Session, batch: Batch, generators: list, decode: bool = False, sampler: Any = None
+) -> dict:
+    """The sampler keywords of the options for `sampler` (the session's by default). The k-diffusion samplers
+    continue each image's own generator (A1111's "CPU" RNG: an image never depends on its batch) with --eta,
+    --s_noise and --quantize-t (and the schedule, which `decode` takes from make_schedule); DDIM's eta noise
+    comes from `batch.generator`, as it always has (its eta is set by make_schedule for `decode`)."""
     opt = session.opt
-    if not is_k_sampler(session.sampler):
+    if not is_k_sampler(sampler or session.sampler):
         return (
             {"generator": batch.generator} if decode else {"generator": batch.generator, "eta": opt.ddim_eta}
         )
@@ -412,18 +418,74 @@ def sampler_options(session: Session, batch: Batch, generators: list, decode: bo
     return options if decode else {**options, "scheduler": opt.scheduler}
 
 
+def txt2img_samples(session: Session, batch: Batch) -> torch.Tensor:
+    """The batch's latents [B, C, H/f, W/f], sampled from its images' seeded noise x_T."""
+    opt, shape = session.opt, session.latent_shape
+    x_T, generators = seeded_noise(session, batch, shape)
+    return sample_until_stopped(lambda keep: session.sampler.sample(
+        S=opt.ddim_steps, conditioning=batch.c, batch_size=len(batch.prompts), shape=shape,
+        verbose=False, unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
+        x_T=x_T, callback=batch.callback, img_callback=keep, **sampler_options(session, batch, generators),
+    )[0])  # fmt: skip
+
+
 def txt2img_render(session: Session) -> Render:
     """Each batch sampled from its images' seeded noise x_T and decoded."""
-    opt, shape = session.opt, session.latent_shape
+    return lambda batch: to_pil(session.model.decode_first_stage(txt2img_samples(session, batch)))
+
+
+def hires_render(session: Session, hires: Any) -> Render:
+    """A1111's hires fix (`hires` an ldm.hires.Hires): each batch rendered at --W x --H as txt2img, upscaled to
+    the hires size (the latents interpolated, or the decoded pixels resized with PIL and encoded again), then
+    refined by an img2img pass of `hires.steps` steps, the last steps of a `hires.schedule_steps`-step schedule
+    (A1111's fixed-steps rule). As A1111's sample_hr_pass, the second pass starts from new noise at the hires
+    size drawn with the same seeds (and variation seeds), each image's generator continuing from there; with
+    --hr-prompt/--hr-negative-prompt the second pass is conditioned on those. Each pass shows its progress bar
+    (the first is `generate`'s). Call inside `session.scope()`."""
+    from ldm.hires import UPSCALERS
+
+    opt, model = session.opt, session.model
+    sampler = make_sampler(hires.sampler or opt.sampler, model)
+    if is_k_sampler(sampler):
+        sampler.make_schedule(hires.schedule_steps, verbose=False, scheduler=hires.scheduler)
+    else:
+        sampler.make_schedule(ddim_num_steps=hires.schedule_steps, ddim_eta=opt.ddim_eta, verbose=False)
+    shape = (opt.C, hires.height // opt.f, hires.width // opt.f)
+    _, mode, antialias = UPSCALERS[hires.upscaler]
+    resample = Image.Resampling.LANCZOS if hires.upscaler == "lanczos" else Image.Resampling.NEAREST
+    own_conditioning = session.prompt_encoder is not None or hires.prompt or hires.negative_prompt is not None
+
+    def upscale(samples: torch.Tensor, generators: list) -> torch.Tensor:
+        if mode is not None:
+            return F.interpolate(samples.float(), size=shape[1:], mode=mode, antialias=antialias)
+        from ldm.image_input import image_to_tensor
+
+        size = (hires.width, hires.height)
+        images = [image.resize(size, resample) for image in to_pil(model.decode_first_stage(samples))]
+        return torch.cat([
+            encode_image(model, model.encode_first_stage(image_to_tensor(image).to(session.device)), [generator])
+            for image, generator in zip(images, generators, strict=True)
+        ])  # fmt: skip
 
     def render(batch: Batch) -> list[Image.Image]:
-        x_T, generators = seeded_noise(session, batch, shape)
-        samples = sample_until_stopped(lambda keep: session.sampler.sample(
-            S=opt.ddim_steps, conditioning=batch.c, batch_size=len(batch.prompts), shape=shape,
-            verbose=False, unconditional_guidance_scale=opt.scale, unconditional_conditioning=batch.uc,
-            x_T=x_T, callback=batch.callback, img_callback=keep, **sampler_options(session, batch, generators),
-        )[0])  # fmt: skip
-        return to_pil(session.model.decode_first_stage(samples))
+        samples = txt2img_samples(session, batch)
+        noise, generators = seeded_noise(session, batch, shape)  # A1111: a new ImageRNG at the hires size
+        z0 = upscale(samples, generators)
+        c, uc = batch.c, batch.uc
+        if own_conditioning:
+            prompts = len(batch.prompts) * [hires.prompt] if hires.prompt else batch.prompts
+            c, uc = conditionings(session, prompts, hires.steps, hires.negative_prompt)
+        if is_k_sampler(sampler):
+            z = sampler.stochastic_encode(z0, hires.steps, noise=noise)
+        else:
+            z = noised_latents(sampler, z0, noise, hires.steps)
+        with tqdm(total=hires.steps, desc=f"hires {hires.sampler or opt.sampler} steps", leave=False) as bar:
+            samples = sampler.decode(
+                z, c, hires.steps, unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                callback=lambda _: bar.update(), verbose=False,
+                **sampler_options(session, batch, generators, decode=True, sampler=sampler),
+            )  # fmt: skip
+        return to_pil(model.decode_first_stage(samples))
 
     return render
 
@@ -456,12 +518,16 @@ def img2img_render(session: Session, image: torch.Tensor, size: tuple[int, int],
 
 
 def inpaint_render(
-    session: Session, image: torch.Tensor, repaint: torch.Tensor, size: tuple[int, int]
+    session: Session,
+    image: torch.Tensor,
+    repaint: torch.Tensor,
+    size: tuple[int, int],
+    keep: torch.Tensor | None = None,
 ) -> Render:
     """Inpainting of image [1, 3, H, W] in [-1, 1] where repaint [1, 1, H, W] is 1: with an SD inpainting model
     (hybrid conditioning, 2C + 1 UNet input channels) through its concat conditioning; with an ordinary model by
-    masked sampling (the kept latents blended in at every step). Results resized back to `size`. Call inside
-    `session.scope()`."""
+    masked sampling (the kept latents blended in at every step; `keep` [1, 1, H/f, W/f] in [0, 1], a soft mask,
+    replaces the one made from `repaint`). Results resized back to `size`. Call inside `session.scope()`."""
     from ldm.image_input import resize_image
 
     opt, model, sampler = session.opt, session.model, session.sampler
@@ -477,7 +543,7 @@ def inpaint_render(
         posterior = model.encode_first_stage(masked_image(image, repaint))
     else:
         posterior = model.encode_first_stage(image)
-        keep = latent_keep_mask(repaint, shape[1:])
+        keep = latent_keep_mask(repaint, shape[1:]) if keep is None else keep.to(session.device)
 
     def render(batch: Batch) -> list[Image.Image]:
         x_T, generators = seeded_noise(session, batch, shape)  # first draw: txt2img's x_T

@@ -1,4 +1,8 @@
-"""Text to image: `python scripts/txt2img.py --prompt "a photograph of an astronaut riding a horse" --plms`."""
+"""Text to image: `python scripts/txt2img.py --prompt "a photograph of an astronaut riding a horse" --plms`.
+
+Hires fix (A1111's): `--hr-scale 2` renders at --W x --H, upscales (--hr-upscaler: the latents, or the decoded
+pixels) and refines the result with an img2img pass of --hr-steps steps at --hr-strength.
+"""
 
 from collections.abc import Sequence
 
@@ -12,6 +16,7 @@ from ldm.cli import (
     remake_command,
     run_cli,
 )
+from ldm.hires import decide_vae_tiling, hires_options, hires_record, resolve_hires_sampler
 from ldm.loading import check_image_size, check_latent_flags, load_config, size_multiple
 
 LAION_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
@@ -29,18 +34,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     batches = read_prompts(opt)
     check_sampler_options(opt)
     check_prompt_options(opt, batches)
-    check_memory(opt, opt.H, opt.W)
+    hires = hires_options(opt, size_multiple(config))
+    if hires is not None:
+        hires = resolve_hires_sampler(hires, opt)
+    height, width = (opt.H, opt.W) if hires is None else (hires.height, hires.width)
+    decide_vae_tiling(opt, height, width)
+    check_memory(opt, height, width)
 
-    from ldm.pipeline import Record, generate, open_session, txt2img_render
+    from ldm.pipeline import Record, generate, hires_render, open_session, txt2img_render
 
     session = open_session(opt, config)
-    record = Record(
-        recorded_parameters("txt2img", opt), lambda *image: remake_command("txt2img", opt, *image)
-    )
+    parameters = recorded_parameters("txt2img", opt)
+    if hires is not None:
+        parameters.update(hires_record(hires))
+    record = Record(parameters, lambda *image: remake_command("txt2img", opt, *image))
     with session.scope():
+        render = txt2img_render(session) if hires is None else hires_render(session, hires)
         generate(
-            session, batches, txt2img_render(session), steps=opt.ddim_steps, record=record,
-            batch_dependent=opt.ddim_eta > 0,
+            session, batches, render, steps=opt.ddim_steps, record=record, batch_dependent=opt.ddim_eta > 0,
         )  # fmt: skip
 
 
