@@ -289,8 +289,12 @@ def parse_args(script: str, description: str | None, argv: Sequence[str] | None)
 A1111_FLAGS = {"Steps": "--ddim_steps", "CFG scale": "--scale", "Seed": "--seed", "Clip skip": "--clip-skip",
                "Variation seed": "--subseed", "Variation seed strength": "--subseed_strength", "Eta": "--eta",
                "Eta DDIM": "--ddim_eta", "Schedule type": "--scheduler"}  # fmt: skip
+A1111_HIRES_FLAGS = {"Hires upscale": "--hr-scale", "Hires steps": "--hr-steps", "Hires resize-1": "--hr-width",
+                     "Hires resize-2": "--hr-height", "Hires sampler": "--hr-sampler", "Hires prompt": "--hr-prompt",
+                     "Hires negative prompt": "--hr-negative-prompt"}  # fmt: skip
 A1111_HONOURED = {
     *A1111_FLAGS,
+    *A1111_HIRES_FLAGS,
     "Prompt",
     "Negative prompt",
     "Sampler",
@@ -328,7 +332,22 @@ def png_flags(path: str, script: str) -> list[str]:
     for key, flag in A1111_FLAGS.items():
         if key in record:
             flags += [flag, record[key]]
-    ignored = [key for key in record if key not in A1111_HONOURED]
+    honoured = set(A1111_HONOURED)
+    if any(key in record for key in A1111_HIRES_FLAGS):  # a hires fix: the size above is its first pass
+        from ldm.hires import UPSCALERS
+
+        flags += [arg for key, flag in A1111_HIRES_FLAGS.items() if record.get(key, "0") != "0"
+                  for arg in (flag, record[key])]  # fmt: skip
+        if "Denoising strength" in record:
+            flags += ["--hr-strength", record["Denoising strength"]]
+            honoured.add("Denoising strength")
+        upscaler = {a1111: ours for ours, (a1111, *_) in UPSCALERS.items()}.get(
+            record.get("Hires upscaler", "")
+        )
+        if upscaler is not None:
+            flags += ["--hr-upscaler", upscaler]
+            honoured.add("Hires upscaler")
+    ignored = [key for key in record if key not in honoured]
     if ignored:
         print(f"note: --from-png: {', '.join(ignored)} cannot be honoured here and are ignored")
     if "Model hash" in record:

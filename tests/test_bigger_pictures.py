@@ -188,3 +188,27 @@ def test_hires_infotext_fields():
     scaled = parse_infotext(record_infotext({**base, **hires, "hr_scale": 2.0}))
     assert scaled["Hires upscale"] == "2.0" and "Hires resize-1" not in scaled
     assert not any(key.startswith("Hires") for key in parse_infotext(record_infotext(base)))
+
+
+def test_from_png_reads_a1111_hires_fields(tmp_path, capsys):
+    """An A1111 hires image: the first pass's size, the upscale, steps, strength and a known upscaler are
+    honoured; an upscaler this project does not have is named."""
+    from PIL import PngImagePlugin
+
+    from ldm.cli import png_flags
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red circle on a white background\nSteps: 3, Sampler: Euler a, CFG scale: 3, "
+                  "Seed: 5, Size: 64x64, Denoising strength: 0.6, Hires upscale: 2, Hires steps: 2, "
+                  "Hires upscaler: Latent (bicubic)")  # fmt: skip
+    Image.new("RGB", (128, 128)).save(tmp_path / "hires.png", pnginfo=info)
+    flags = png_flags(str(tmp_path / "hires.png"), "txt2img")
+    pairs = dict(zip(flags[::2], flags[1::2], strict=True))
+    assert (pairs["--W"], pairs["--hr-scale"], pairs["--hr-steps"]) == ("64", "2", "2")
+    assert (pairs["--hr-strength"], pairs["--hr-upscaler"]) == ("0.6", "latent-bicubic")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "x\nSteps: 3, Sampler: Euler, Seed: 5, Size: 64x64, Hires upscale: 2, "
+                  "Hires upscaler: R-ESRGAN 4x+")  # fmt: skip
+    Image.new("RGB", (128, 128)).save(tmp_path / "esrgan.png", pnginfo=info)
+    png_flags(str(tmp_path / "esrgan.png"), "txt2img")
+    assert "Hires upscaler cannot be honoured" in capsys.readouterr().out
