@@ -489,7 +489,7 @@ def recorded_parameters(script: str, opt: argparse.Namespace) -> dict:
     """The metadata of the flags that change the image: {key: value} (None and unset switches left out)."""
     params = {}
     for flag in image_flags(script):
-        value = getattr(opt, flag.dest)
+        value = getattr(opt, flag.dest, None)  # options built for another script may lack this one's flags
         if value is None:
             continue
         params[flag.key or flag.dest] = flag.describe(value) if flag.describe else value
@@ -512,7 +512,7 @@ def remake_command(script: str, opt: argparse.Namespace, prompt: str, seed: int,
     args = ["python", f"scripts/{script}.py", "--prompt", prompt, "--seed", str(seed),
             "--n_samples", str(n_samples), "--n_iter", "1"]  # fmt: skip
     for flag in image_flags(script):
-        args += _flag_args(flag, getattr(opt, flag.dest))
+        args += _flag_args(flag, getattr(opt, flag.dest, None))
     return shlex.join(args)
 
 

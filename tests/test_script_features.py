@@ -111,7 +111,7 @@ def test_from_png_remakes_our_image_and_reads_a1111s(files, tmp_path, capsys):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "a green triangle\nNegative prompt: ugly\nSteps: 3, Sampler: DPM++ 2M, "
                   "Schedule type: Karras, CFG scale: 5, Seed: 77, Size: 64x64, Model hash: 0123456789, "
-                  "Hires upscale: 2")  # fmt: skip
+                  "Face restoration: CodeFormer")  # fmt: skip
     Image.new("RGB", (64, 64)).save(tmp_path / "a1111.png", pnginfo=info)
     txt2img.main([
         "--config", "tests/configs/tiny-ldm.yaml", "--ckpt", str(files / "tiny.ckpt"), "--outdir", str(tmp_path / "c"),
@@ -126,7 +126,7 @@ def test_from_png_remakes_our_image_and_reads_a1111s(files, tmp_path, capsys):
         5.0,
     )
     out = capsys.readouterr().out
-    assert "Hires upscale cannot be honoured" in out and "model hash 0123456789" in out
+    assert "Face restoration cannot be honoured" in out and "model hash 0123456789" in out
 
 
 def test_lora_from_a_prompt_tag_and_the_flag(files, tmp_path):
