@@ -1,8 +1,4 @@
-"""Latent-space steps of generation: seeded noise, and the img2img and inpainting latents.
-
-Seeds: image i of a run has its own CPU generator seeded with its seed; x_T is its first draw, so a seed gives
-the same image on every device and whatever else is in the batch.
-"""
+"""Latent-space steps of generation: the img2img and inpainting latents (seeded noise: ldm.noise)."""
 
 from collections.abc import Sequence
 
@@ -10,25 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from ldm.errors import UserError
-
-
-def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per image, seeded with the image's own seed: a seed gives the same draws on every
-    device and whatever else is in the batch."""
-    return [torch.Generator().manual_seed(seed) for seed in seeds]
-
-
-def draw_noise(
-    generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device
-) -> torch.Tensor:
-    """Standard normal noise [len(generators), *shape], entry i drawn from generators[i]."""
-    noise = [torch.randn(tuple(shape), generator=generator) for generator in generators]
-    return torch.stack(noise).to(device)
-
-
-def initial_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """x_T [len(seeds), *shape]: image i's noise is the first draw of its own seed's generator."""
-    return draw_noise(seed_generators(seeds), shape, device)
 
 
 def encode_image(model, posterior, generators: Sequence[torch.Generator]) -> torch.Tensor:
