@@ -381,7 +381,7 @@ def check_sampler_options(opt: argparse.Namespace) -> None:
     from ldm.models.diffusion.registry import sampler_class
 
     sampler = sampler_class(opt.sampler)
-    scheduled = getattr(sampler, "default_scheduler", None) is not None  # the k-diffusion family
+    scheduled = sampler.default_scheduler is not None  # the k-diffusion family
     if opt.ddim_eta != 0.0 and (scheduled or not sampler.uses_eta):
         hint = "use --eta" if scheduled and sampler.uses_eta else f"{opt.sampler} is deterministic"
         raise UserError(f"--ddim_eta {opt.ddim_eta} needs a sampler that takes eta (ddim): {hint}")

@@ -93,7 +93,7 @@ def resolve_hires_sampler(hires: Hires, opt: argparse.Namespace) -> Hires:
             name, scheduler = split_sampler_name(hires.sampler)
         except ValueError as error:
             raise UserError(f"--hr-sampler: {error}") from None
-    default = getattr(sampler_class(name), "default_scheduler", None)
+    default = sampler_class(name).default_scheduler
     if default is None:  # the DDIM family: no schedule
         return replace(hires, sampler=name if hires.sampler else None, scheduler=None)
     if scheduler is None:

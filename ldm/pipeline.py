@@ -384,7 +384,7 @@ def sample_until_stopped(run: Callable[[Callable], torch.Tensor]) -> torch.Tenso
 
 def is_k_sampler(sampler: Any) -> bool:
     """A sampler of the k-diffusion family (it has noise schedules; each image draws from its own generator)."""
-    return getattr(sampler, "default_scheduler", None) is not None
+    return sampler.default_scheduler is not None
 
 
 def seeded_noise(session: Session, batch: Batch, shape: tuple[int, ...]) -> tuple[torch.Tensor, list]:

@@ -240,6 +240,7 @@ class Sampler:
     uses_eta = False  # takes an eta > 0 (noise added at each step, drawn from the run's generator)
     stochastic = False  # draws noise at every step whatever eta is (ancestral and SDE samplers)
     integer_timesteps = True  # feeds the model integer DDPM timesteps only
+    default_scheduler: str | None = None  # the noise schedule it runs by default; None: it has no schedules
 
     def __init__(self, model: Any, schedule: str = "linear", **kwargs: Any) -> None:
         self.model = model
