@@ -184,7 +184,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-pixels", "refuse input images with more pixels than this (2048x2048 by default)", type=int,
          default=DEFAULT_MAX_PIXELS, check=at_least(1), scripts=WITH_IMAGE, image=True),
     Flag("--no-vae-tiling", f"never tile the VAE (by default it is tiled on the CPU from {TILED_VAE_FROM} px on a "
-         "side, to bound memory)", type=None, image=True),
+         "side when the untiled decode would not fit in memory)", type=None, image=True),
     Flag("--hr-scale", "hires fix: render at --W x --H, upscale by this factor and refine with an img2img pass "
          "(A1111's Hires upscale)", type=float, check=finite(1.0), scripts=("txt2img",), image=True),
     Flag("--hr-width", "hires fix: the final width (instead of --hr-scale; alone, the aspect ratio is kept)",

@@ -19,7 +19,9 @@ UPSCALERS: dict[str, tuple[str, str | None, bool]] = {
     "lanczos": ("Lanczos", None, False),
     "nearest": ("Nearest", None, False),
 }
-TILED_VAE_FROM = 1024  # on the CPU the VAE runs tiled from this many pixels on a side, unless --no-vae-tiling
+TILED_VAE_FROM = (
+    1024  # on the CPU the VAE may run tiled from this many pixels on a side (`decide_vae_tiling`)
+)
 SIDES = ("left", "right", "top", "bottom")
 SECOND_PASS_FLAGS = (
     "hr_upscaler",
@@ -155,17 +157,25 @@ def outpaint_flag(value: str) -> str:
 
 def decide_vae_tiling(opt: Any, height: int, width: int) -> None:
     """Set `opt.vae_tiling` for a run whose largest image is height x width: on when asked; otherwise on the
-    CPU at TILED_VAE_FROM pixels on a side and above (memory), unless --no-vae-tiling."""
+    CPU from TILED_VAE_FROM pixels on a side when the untiled decode of the batch would not fit in the memory
+    there is (`untiled_decode_fits`: tiling costs 2-3x the decode time), unless --no-vae-tiling."""
     if opt.vae_tiling and opt.no_vae_tiling:
         raise UserError("--vae-tiling and --no-vae-tiling contradict each other: pass one")
     if opt.vae_tiling or opt.no_vae_tiling or max(height, width) < TILED_VAE_FROM:
         return
     import torch
 
+    from ldm.loading import resolve_path
+    from ldm.runtime.budget import file_bytes, untiled_decode_fits
+
     on_cpu = opt.device == "cpu" or (
         opt.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
     )
-    if not on_cpu:
+    weights = file_bytes(resolve_path(opt.ckpt))
+    if not on_cpu or untiled_decode_fits(height * width, opt.n_samples, weights, opt.memory_limit):
         return
     opt.vae_tiling = True
-    print(f"{width}x{height} on the CPU: the VAE runs tiled to bound its memory (--no-vae-tiling: untiled)")
+    print(
+        f"{width}x{height} x {opt.n_samples} on the CPU: the VAE runs tiled, its untiled decode would not fit in "
+        "the memory there is (--no-vae-tiling: untiled anyway)"
+    )

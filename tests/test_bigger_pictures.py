@@ -159,14 +159,25 @@ def test_outpaint_flag_and_hostile_values(tmp_path, capsys):
     assert exit_.value.code == 2 and "multiples of 8" in capsys.readouterr().err
 
 
-def test_vae_tiles_by_default_on_the_cpu_from_1024_pixels():
-    def tiled(height: int, width: int, device: str = "cpu", no_vae_tiling: bool = False) -> bool:
-        opt = argparse.Namespace(vae_tiling=False, no_vae_tiling=no_vae_tiling, device=device)
+def test_vae_tiles_by_default_on_the_cpu_from_1024_pixels_when_the_decode_would_not_fit(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"\0" * 2**20)  # 1 MiB of "weights"
+
+    def tiled(height: int, width: int, limit_gib: float, batch: int = 1, **options) -> bool:
+        opt = argparse.Namespace(
+            vae_tiling=False, no_vae_tiling=False, device="cpu", ckpt=str(ckpt), n_samples=batch,
+            memory_limit=limit_gib,
+        )  # fmt: skip
+        vars(opt).update(options)
         decide_vae_tiling(opt, height, width)
         return opt.vae_tiling
 
-    assert tiled(1024, 512) and tiled(2048, 2048)
-    assert not tiled(512, 1000) and not tiled(2048, 2048, no_vae_tiling=True)
+    # an untiled 1024² decode adds about 3.3 GiB (DECODE_BYTES_PER_PIXEL)
+    assert tiled(1024, 512, limit_gib=1) and tiled(2048, 2048, limit_gib=8)
+    assert not tiled(1024, 1024, limit_gib=8) and tiled(1024, 1024, limit_gib=8, batch=4)
+    assert not tiled(512, 1000, limit_gib=0.1)  # small images: never
+    assert not tiled(2048, 2048, limit_gib=1, no_vae_tiling=True)
+    assert not tiled(2048, 2048, limit_gib=1, device="cuda")
     with pytest.raises(UserError):
         decide_vae_tiling(argparse.Namespace(vae_tiling=True, no_vae_tiling=True, device="cpu"), 64, 64)
 

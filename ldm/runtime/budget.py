@@ -10,6 +10,7 @@ GIB = 2**30
 UNET_BYTES_PER_LATENT_PIXEL = 25_000  # per batch entry (guidance doubles the batch), flash attention
 VAE_BYTES_PER_PIXEL = 2_000  # decoder/encoder per image pixel, untiled
 VAE_TILED_FRACTION = 0.5  # --vae-tiling keeps the maps between blocks whole: about half the untiled peak
+DECODE_BYTES_PER_PIXEL = 3_400  # what an untiled fp32 decode adds, measured at 1024² (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,14 @@ def available_bytes(device_type: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def untiled_decode_fits(pixels: int, batch: int, weights: int, limit_gib: float | None = None) -> bool:
+    """Whether decoding `batch` images of `pixels` pixels untiled on the CPU fits beside the weights in the
+    machine's free memory (or `limit_gib`), by the measured figure rather than the low estimate; True when
+    the free memory is unknown."""
+    limit = int(limit_gib * GIB) if limit_gib is not None else available_bytes("cpu")
+    return limit is None or weights + DECODE_BYTES_PER_PIXEL * pixels * batch <= limit
 
 
 def check_fits(
