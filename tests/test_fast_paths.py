@@ -118,11 +118,15 @@ def test_packed_bf16_linear_and_matmul_conv_equal_the_plain_bf16_layers():
     x, maps = torch.randn(2, 7, 48).bfloat16(), torch.randn(2, 1024, 4, 6).bfloat16()
     with torch.inference_mode():
         plain = linear(x), conv(maps)
-        switched = use_packed_linears(linear), use_matmul_convolutions(conv), use_packed_linears(conv)
+        switched = (
+            use_packed_linears(linear, {torch.bfloat16}),
+            use_matmul_convolutions(conv),
+            use_packed_linears(conv, {torch.bfloat16}),
+        )
         packed = linear(x), conv(maps)
         linear.weight.mul_(2)  # a changed weight is packed again
         doubled = linear(x)
-    assert switched == (1, 1, 1) and type(linear) is PackedLinear and conv.packed
+    assert switched == (1, 1, 1) and type(linear) is PackedLinear and conv.packed_dtypes
     torch.testing.assert_close(packed[0], plain[0], rtol=0, atol=0)  # the same oneDNN product
     torch.testing.assert_close(packed[1].float(), plain[1].float(), rtol=0.02, atol=0.02)  # bf16 sums' order
     assert packed[1].shape == (2, 16, 4, 6) and packed[1].is_contiguous()
@@ -131,10 +135,43 @@ def test_packed_bf16_linear_and_matmul_conv_equal_the_plain_bf16_layers():
     )
     with torch.no_grad():
         fp32 = nn.Linear(48, 40)
-        use_packed_linears(fp32)
-        torch.testing.assert_close(
-            fp32(x.float()), F.linear(x.float(), fp32.weight, fp32.bias)
-        )  # fp32: plain
+        use_packed_linears(fp32, {torch.bfloat16})
+        assert fp32(x.float()).equal(F.linear(x.float(), fp32.weight, fp32.bias))  # fp32: plain nn.Linear
+
+
+@needs_onednn_bf16
+def test_packed_fp32_linear_and_matmul_conv_equal_the_plain_layers():
+    """fp32 weights prepacked for oneDNN (`packed_dtypes` has fp32 on AVX512 CPUs): the plain layers' numbers up to
+    the order of fp32 sums; autograd still takes the plain path."""
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(320, 640), nn.Conv2d(1024, 64, 3, padding=1)
+    x, maps = torch.randn(2, 77, 320), torch.randn(2, 1024, 8, 8)
+    with torch.no_grad():
+        plain = linear(x), conv(maps)
+        use_matmul_convolutions(conv)
+        assert use_packed_linears(linear, {torch.float32}) == 1 == use_packed_linears(conv, {torch.float32})
+        packed = linear(x), conv(maps)
+    assert hasattr(linear, "_packed_weight") and hasattr(conv, "_packed_weight")  # the packed path ran
+    torch.testing.assert_close(packed[0], plain[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[1], plain[1], rtol=0, atol=1e-4)
+    assert packed[1].shape == (2, 64, 8, 8) and packed[1].is_contiguous()
+    x.requires_grad_()
+    linear(x).sum().backward()  # autograd: nn.Linear's path
+    torch.testing.assert_close(x.grad, linear.weight.sum(0).expand_as(x))
+
+
+def test_packed_dtypes_follow_the_cpu(monkeypatch):
+    import ldm.runtime.fast_paths as fast_paths
+
+    for capability, native_bf16, expected in [
+        ("AVX512", True, {torch.bfloat16, torch.float32}),
+        ("AVX512", False, {torch.float32}),
+        ("AVX2", False, set()),  # AVX2-only: MKL's fp32 products stay (no regression there)
+    ]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        monkeypatch.setattr(fast_paths, "cpu_has_native_bf16", lambda b=native_bf16: b)
+        monkeypatch.setattr(fast_paths, "cpu_has_fast_bf16", lambda: True)
+        assert fast_paths.packed_dtypes() == expected
 
 
 @needs_onednn_bf16

@@ -124,11 +124,13 @@ def test_lowvram_gives_the_plain_image_on_cpu(tiny_ldm):
     torch.testing.assert_close(ddim_image(model), plain, rtol=0, atol=1e-6)
 
 
-def resident_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the pages under `module`'s tensors that this process has mapped in now (/proc/self/pagemap)."""
+def resident_bytes(module: torch.nn.Module | torch.Tensor) -> int:
+    """Bytes of the pages under `module`'s tensors (or a tensor) that this process has mapped in now
+    (/proc/self/pagemap)."""
     page = mmap.PAGESIZE
     pages = set()
-    for t in chain(module.parameters(), module.buffers()):
+    tensors = [module] if isinstance(module, torch.Tensor) else chain(module.parameters(), module.buffers())
+    for t in tensors:
         end = t.data_ptr() + t.numel() * t.element_size()
         pages.update(range(t.data_ptr() // page, -(-end // page)))
     with open("/proc/self/pagemap", "rb") as pagemap:
@@ -178,6 +180,28 @@ def test_release_pages_leaves_ordinary_and_modified_memory_alone(tmp_path):
     edited = mapped.weight.clone()
     assert release_pages(mapped) == 0
     torch.testing.assert_close(mapped.weight, edited, rtol=0, atol=0)
+
+
+@needs_linux
+def test_packed_fp32_weights_hand_back_the_plain_weights_pages(tmp_path):
+    """A layer prepacked for oneDNN holds its packed copy in ordinary memory; the plain weight's checkpoint pages
+    go back to the OS after the forward that packed it, so packing adds no resident memory; they map back in
+    when read (the same values)."""
+    from ldm.runtime.fast_paths import use_packed_linears
+
+    layer = mapped_linear(tmp_path)
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        plain = layer(x)
+        assert resident_bytes(layer) >= 512 * 512 * 4
+        use_packed_linears(layer, {torch.float32})
+        packed = layer(x)
+        edge = 0.1 * 512 * 512 * 4  # the kernel maps in a window around the bias pages read since
+        assert hasattr(layer, "_packed_weight") and resident_bytes(layer.weight) <= edge
+        assert layer(x).equal(packed)  # later calls: the packed copy, the plain pages stay out
+        assert resident_bytes(layer.weight) <= edge
+    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.weight @ x.T, plain.T - layer.bias[:, None], rtol=0, atol=1e-4)
 
 
 @needs_linux

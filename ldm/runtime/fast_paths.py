@@ -4,9 +4,11 @@
   as one matrix product over im2col columns, where oneDNN's direct convolution is slow on such narrow maps.
 - The VAE decoder's large levels in channels_last, where oneDNN's convolutions are faster on few-channel,
   large maps.
-- `PackedLinear`: on CPUs with bf16 units, bf16 linear layers (and those matmul convolutions) with their weight
-  handed to oneDNN once in its blocked layout: otherwise oneDNN reorders the whole weight at every call, which
-  costs more than the product itself when few tokens pass through (the UNet's low levels).
+- `PackedLinear`: linear layers (and those matmul convolutions) with their weight handed to oneDNN once in its
+  blocked layout, in the dtypes `packed_dtypes` names for this CPU: bf16 where it has bf16 units (otherwise
+  oneDNN reorders the whole weight at every call, which costs more than the product itself when few tokens pass
+  through the UNet's low levels), and fp32 on AVX512 CPUs, where oneDNN's fp32 products beat MKL's (on AMD, MKL
+  runs its AVX2 code).
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
@@ -15,38 +17,68 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder
-from ldm.runtime.bf16 import cpu_has_native_bf16
+from ldm.runtime.bf16 import cpu_has_fast_bf16, cpu_has_native_bf16
+from ldm.runtime.memory import release_tensor_pages
+
+
+def packed_dtypes() -> frozenset[torch.dtype]:
+    """The weight dtypes whose linear layers run prepacked through oneDNN on this CPU (see the module docstring;
+    BENCHMARKS.md has the measurements): bf16 with bf16 units, fp32 with AVX512."""
+    dtypes = set()
+    if cpu_has_native_bf16():
+        dtypes.add(torch.bfloat16)
+    if cpu_has_fast_bf16() and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16"):
+        dtypes.add(torch.float32)
+    return frozenset(dtypes)
 
 
 def _packed(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [out, in] (bf16) in oneDNN's blocked layout, made once per weight (its storage and version: inference
-    tensors cannot change) and kept on `module` (not in its state_dict)."""
+    """`weight` [out, in] in oneDNN's blocked layout, made once per weight (its storage and version: inference
+    tensors cannot change) and kept on `module` (not in its state_dict); `module` is marked as having packed
+    afresh (see `_release_packed_sources`)."""
     key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     cached = getattr(module, "_packed_weight", None)
     if cached is None or cached[0] != key:
         cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
         module._packed_weight = cached
+        module._packed_afresh = True
     return cached[1]
 
 
-def _use_packed(weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Packed products are for bf16 inference on the CPU (no autograd through them)."""
-    return weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+@torch.compiler.disable  # plain Python around the (possibly compiled) module
+def _release_packed_sources(root: nn.Module, args: tuple, output: object) -> None:
+    """Forward hook of a module with packed layers: once a forward has packed weights, the plain weights' pages
+    go back to the OS where they are views of the memory-mapped checkpoint (`release_tensor_pages`), so the
+    packed copies add no resident memory; the plain weights map back in if anything reads them."""
+    fresh = [m for m in root.modules() if m.__dict__.pop("_packed_afresh", False)]
+    if fresh:
+        release_tensor_pages(m.weight for m in fresh)
+
+
+def _use_packed(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Packed products are for inference on the CPU (no autograd through them) in `module.packed_dtypes`; fp32
+    weights under autocast take the plain path, which autocast turns into a bf16 product."""
+    if weight.dtype not in module.packed_dtypes or x.device.type != "cpu" or torch.is_grad_enabled():
+        return False
+    return weight.dtype != torch.float32 or not torch.is_autocast_enabled("cpu")
 
 
 def packed_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """F.linear(x, weight, bias) in bf16 with `weight` prepacked (see `_packed`). x [..., in] -> [..., out]."""
+    """F.linear(x, weight, bias) in weight's dtype with `weight` prepacked (see `_packed`). x [..., in] -> [..., out]."""
     return torch.ops.mkldnn._linear_pointwise(
         x.to(weight.dtype), _packed(module, weight), bias, "none", [], ""
     )
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) whose bf16 weight is prepacked for oneDNN (`packed_linear`) in
-    inference on the CPU; other dtypes, devices and autograd take nn.Linear's path."""
+    """nn.Linear (same parameters and state_dict) whose weight is prepacked for oneDNN (`packed_linear`) in
+    inference on the CPU when its dtype is in `packed_dtypes`; other dtypes, devices and autograd take
+    nn.Linear's path."""
+
+    packed_dtypes: frozenset[torch.dtype] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_packed(self.weight, x):
+        if not _use_packed(self, self.weight, x):
             return super().forward(x)
         return packed_linear(self, x, self.weight, self.bias)
 
@@ -58,7 +90,7 @@ class MatmulConv2d(nn.Conv2d):
 
     MATMUL_MAX_PIXELS = 64
     MATMUL_MIN_CHANNELS = 1024
-    packed = False  # bf16 weights prepacked for oneDNN (see `use_packed_linears`)
+    packed_dtypes: frozenset[torch.dtype] = frozenset()  # weights prepacked for oneDNN (`use_packed_linears`)
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
         if self.in_channels < self.MATMUL_MIN_CHANNELS or x.shape[-2] * x.shape[-1] > self.MATMUL_MAX_PIXELS:
@@ -73,7 +105,7 @@ class MatmulConv2d(nn.Conv2d):
             return super().forward(x)
         b, _, h, w = x.shape
         columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
-        if self.packed and _use_packed(self.weight, x):
+        if _use_packed(self, self.weight, x):
             rows = columns.transpose(1, 2).reshape(b * h * w, -1)  # [B * H * W, C_in * 9]
             out = packed_linear(self, rows, self.weight.view(self.out_channels, -1), self.bias)
             return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2).contiguous()
@@ -118,25 +150,28 @@ def use_channels_last_decoder(decoder: Decoder) -> None:
     decoder.register_forward_hook(_contiguous_output)
 
 
-def use_packed_linears(module: nn.Module) -> int:
+def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
     """Make every nn.Linear of `module` a `PackedLinear` and let its `MatmulConv2d`s prepack too (in place: the
-    same parameters); they take the packed path only with bf16 weights. Returns how many layers were switched."""
+    same parameters), for weights of `dtypes` (default: `packed_dtypes()`). Returns how many layers were
+    switched."""
+    dtypes = packed_dtypes() if dtypes is None else frozenset(dtypes)
     switched = 0
     for layer in module.modules():
         if type(layer) is nn.Linear:
             layer.__class__ = PackedLinear
+        if isinstance(layer, (PackedLinear, MatmulConv2d)):
+            layer.packed_dtypes = dtypes
             switched += 1
-        elif isinstance(layer, MatmulConv2d):
-            layer.packed = True
-            switched += 1
+    if not any(hook is _release_packed_sources for hook in module._forward_hooks.values()):
+        module.register_forward_hook(_release_packed_sources)
     return switched
 
 
 def apply_cpu_fast_paths(model: nn.Module) -> None:
-    """The CPU fast paths on a LatentDiffusion: matmul convolutions in the UNet, prepacked bf16 weights there on
-    CPUs with bf16 units, channels_last in the VAE decoder's large levels."""
+    """The CPU fast paths on a LatentDiffusion: matmul convolutions in the UNet, prepacked weights there in the
+    dtypes `packed_dtypes` names, channels_last in the VAE decoder's large levels."""
     use_matmul_convolutions(model.model.diffusion_model)
-    if cpu_has_native_bf16():
+    if packed_dtypes():
         use_packed_linears(model.model.diffusion_model)
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):

@@ -6,7 +6,7 @@ import bisect
 import ctypes
 import mmap
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import chain
 
 import torch
@@ -119,13 +119,13 @@ def release_pages(*modules: nn.Module) -> int:
     """Give the OS back this process's resident pages of the modules' CPU tensors that are views of a
     memory-mapped checkpoint (Linux; elsewhere a no-op). The pages stay in the OS page cache and are mapped
     again on the tensors' next use; tensors in ordinary memory are left alone. Returns the bytes released."""
+    return release_tensor_pages(chain.from_iterable(chain(m.parameters(), m.buffers()) for m in modules))
+
+
+def release_tensor_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """`release_pages` for the tensors themselves. Returns the bytes released."""
     madvise = _libc_function("madvise")
-    tensors = [
-        t
-        for module in modules
-        for t in chain(module.parameters(), module.buffers())
-        if t.device.type == "cpu" and t.numel()
-    ]
+    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel()]
     if madvise is None or not tensors:
         return 0
     mappings = _clean_file_mappings()

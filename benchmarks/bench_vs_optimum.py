@@ -1,0 +1,187 @@
+"""Whole txt2img against optimum-intel's OpenVINO pipeline (`OVStableDiffusionPipeline`), same weights.
+
+    python benchmarks/bench_vs_optimum.py --optimum-python /path/to/venv/bin/python [--size 512] [--steps 20]
+        [--reps 2] [--threads 2] [--workdir /tmp/sdbench] [--write BENCHMARKS.md]
+
+optimum-intel pins its own transformers, so it lives in a virtual environment of its own, named by
+`--optimum-python` (`python -m venv V && V/bin/pip install torch==2.14.1 "optimum-intel[openvino]" diffusers`).
+The full-size random SD v1 weights of bench_vs_diffusers.py (`prepare`) are saved once as a diffusers folder
+(here) and exported once to OpenVINO IR in fp32 (there, `--weight-format fp32`: no weight compression); those
+one-time conversions are not timed, as our own checkpoint is not converted either.
+
+Each image runs in a fresh process, ours and OpenVINO's alternated, everything a user waits for counted: imports,
+load, OpenVINO's compile (its compiled-model cache on; the first OpenVINO process fills it and is reported
+apart), prompt, 20 DDIM steps at guidance 7.5, decode, PNG. Both run at their default precision on this CPU
+(ours `--precision auto`, OpenVINO's default inference precision), with static shapes for OpenVINO
+(`pipe.reshape`, what its docs advise for speed). Reported: wall time and peak RSS of each process, medians.
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a photograph of an astronaut riding a horse"
+SCALE = 7.5
+
+
+def child_openvino(ov_dir: Path, size: int, steps: int, threads: int, outdir: Path) -> None:
+    """optimum-intel's pipeline, as its docs use it: load the IR, reshape to static shapes, compile, generate."""
+    from diffusers import DDIMScheduler
+    from optimum.intel import OVStableDiffusionPipeline
+
+    config = {"CACHE_DIR": str(ov_dir / "model_cache"), "INFERENCE_NUM_THREADS": str(threads)}
+    pipe = OVStableDiffusionPipeline.from_pretrained(ov_dir, compile=False, ov_config=config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+    pipe.compile()
+    import numpy as np
+
+    np.random.seed(42)
+    image = pipe(
+        PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=SCALE, eta=0.0
+    ).images[0]
+    outdir.mkdir(parents=True, exist_ok=True)
+    image.save(outdir / "openvino.png")
+
+
+def child_ours(ckpt: Path, size: int, steps: int, threads: int, outdir: Path) -> None:
+    """`python scripts/txt2img.py` as a user runs it (through run_cli), default precision."""
+    sys.path.insert(0, str(ROOT))
+    from ldm.cli import run_cli
+    from scripts.txt2img import main
+
+    argv = [
+        "--prompt", PROMPT, "--ckpt", str(ckpt), "--H", str(size), "--W", str(size), "--ddim_steps", str(steps),
+        "--scale", str(SCALE), "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--no-safety-checker",
+        "--threads", str(threads), "--outdir", str(outdir),
+    ]  # fmt: skip
+    run_cli(lambda: main(argv))
+
+
+def run(python: str, *args: str) -> dict:
+    """One child process of this script under `python`: its wall time and peak RSS (MiB)."""
+    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    proc = subprocess.run([python, __file__, *args], capture_output=True, text=True, cwd=ROOT, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"child {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    # ru_maxrss of children is the largest of any child so far: a smaller child after a larger one is hidden,
+    # so each child also reports its own peak.
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_MIB ")]
+    peak = float(lines[-1].split()[1]) if lines else max(before, 0) / 1024
+    return {"wall_s": seconds, "peak_rss_mib": peak, "load_1min": os.getloadavg()[0]}
+
+
+def export(opt: argparse.Namespace) -> tuple[Path, Path]:
+    """The diffusers folder (from our checkpoint, with our venv's diffusers) and the OpenVINO IR (with
+    optimum-intel's exporter in its venv), each made once in --workdir."""
+    ckpt = opt.workdir / "model.safetensors"
+    diffusers_dir, ov_dir = opt.workdir / "diffusers", opt.workdir / "openvino-ir"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vs_diffusers import diffusers_pipeline, load_diffusers, prepare
+
+    prepare(opt.workdir)
+    if not (diffusers_dir / "model_index.json").exists():
+        diffusers_pipeline(load_diffusers(ckpt)).save_pretrained(diffusers_dir)
+    if not (ov_dir / "model_index.json").exists():
+        code = (
+            "import sys; from optimum.exporters.openvino import main_export;"
+            "main_export(sys.argv[1], output=sys.argv[2], task='text-to-image', weight_format='fp32')"
+        )
+        subprocess.run([opt.optimum_python, "-c", code, str(diffusers_dir), str(ov_dir)], check=True)
+    return ckpt, ov_dir
+
+
+def measure(opt: argparse.Namespace) -> dict:
+    ckpt, ov_dir = export(opt)
+    common = ["--size", str(opt.size), "--steps", str(opt.steps), "--threads", str(opt.threads)]
+    out = opt.workdir / "e2e-out"
+    ours = ["--child", "ours", str(ckpt), *common, "--outdir", str(out)]
+    theirs = ["--child", "openvino", str(ov_dir), *common, "--outdir", str(out)]
+    results = {"ours": [], "openvino": [], "openvino_first": None}
+    cache = ov_dir / "model_cache"
+    if not cache.exists() or not any(cache.iterdir()):
+        results["openvino_first"] = run(opt.optimum_python, *theirs)  # fills the compiled-model cache
+        print("openvino, first (compiles)", results["openvino_first"], flush=True)
+    for rep in range(opt.reps):
+        for impl in ("ours", "openvino") if rep % 2 == 0 else ("openvino", "ours"):
+            args = ours if impl == "ours" else theirs
+            results[impl].append(run(sys.executable if impl == "ours" else opt.optimum_python, *args))
+            print(impl, results[impl][-1], flush=True)
+    return results
+
+
+def report(opt: argparse.Namespace, results: dict) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vs_diffusers import cpu_flags
+
+    def med(impl: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[impl])
+
+    rows = ["| | wall (each run) | peak RSS |", "|---|---:|---:|"]
+    for impl, label in (("ours", "ours (`scripts/txt2img.py`, default precision)"),
+                        ("openvino", "optimum-intel `OVStableDiffusionPipeline` (default precision, static shapes)")):  # fmt: skip
+        walls = ", ".join(f"{r['wall_s']:.1f}" for r in results[impl])
+        rows.append(
+            f"| {label} | {med(impl, 'wall_s'):.1f} s ({walls}) | {med(impl, 'peak_rss_mib'):.0f} MiB |"
+        )
+    ratio_wall = med("ours", "wall_s") / med("openvino", "wall_s")
+    ratio_rss = med("ours", "peak_rss_mib") / med("openvino", "peak_rss_mib")
+    rows.append(f"| ratio ours / OpenVINO | {ratio_wall:.2f}x | {ratio_rss:.2f}x |")
+    first = results["openvino_first"]
+    loads = [r["load_1min"] for impl in ("ours", "openvino") for r in results[impl]]
+    return (
+        f"Command: `python benchmarks/bench_vs_optimum.py --optimum-python V/bin/python --size {opt.size} "
+        f"--steps {opt.steps} --reps {opt.reps} --threads {opt.threads}`. CPU: {cpu_flags()}. "
+        f"1-minute load average after each run: {min(loads):.1f}-{max(loads):.1f}.\n\n"
+        + "\n".join(rows)
+        + "\n"
+        + (
+            f"\nOpenVINO's first run (compiling, filling its cache): {first['wall_s']:.1f} s, "
+            f"{first['peak_rss_mib']:.0f} MiB.\n"
+            if first
+            else ""
+        )  # fmt: skip
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--optimum-python", help="python of a virtual environment with optimum-intel[openvino]"
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdbench"))
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=2, help="processes per implementation, alternated")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--write", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--outdir", type=Path, help=argparse.SUPPRESS)
+    opt = parser.parse_args()
+    if opt.child:
+        impl, path = opt.child
+        child = child_ours if impl == "ours" else child_openvino
+        child(Path(path), opt.size, opt.steps, opt.threads, opt.outdir)
+        print(f"PEAK_RSS_MIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}", flush=True)
+        return
+    if not opt.optimum_python:
+        parser.error("--optimum-python is required: the python of a venv with optimum-intel[openvino]")
+    text = report(opt, measure(opt))
+    print(text)
+    if opt.write:
+        with open(opt.write, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
