@@ -32,27 +32,32 @@ def packed_dtypes() -> frozenset[torch.dtype]:
     return frozenset(dtypes)
 
 
+RELEASE_EVERY_BYTES = 256 * 2**20  # plain weights packed since the last release that trigger the next one
+_packed_sources: list[torch.Tensor] = []  # plain weights packed whose pages are not handed back yet
+
+
 def _packed(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """`weight` [out, in] in oneDNN's blocked layout, made once per weight (its storage and version: inference
-    tensors cannot change) and kept on `module` (not in its state_dict); `module` is marked as having packed
-    afresh (see `_release_packed_sources`)."""
+    tensors cannot change) and kept on `module` (not in its state_dict). The plain weight's pages go back to the
+    OS every RELEASE_EVERY_BYTES packed and after the forward (`release_packed_sources`)."""
     key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
     cached = getattr(module, "_packed_weight", None)
     if cached is None or cached[0] != key:
         cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
         module._packed_weight = cached
-        module._packed_afresh = True
+        _packed_sources.append(weight)
+        if sum(t.numel() * t.element_size() for t in _packed_sources) >= RELEASE_EVERY_BYTES:
+            release_packed_sources()
     return cached[1]
 
 
 @torch.compiler.disable  # plain Python around the (possibly compiled) module
-def _release_packed_sources(root: nn.Module, args: tuple, output: object) -> None:
-    """Forward hook of a module with packed layers: once a forward has packed weights, the plain weights' pages
-    go back to the OS where they are views of the memory-mapped checkpoint (`release_tensor_pages`), so the
-    packed copies add no resident memory; the plain weights map back in if anything reads them."""
-    fresh = [m for m in root.modules() if m.__dict__.pop("_packed_afresh", False)]
-    if fresh:
-        release_tensor_pages(m.weight for m in fresh)
+def release_packed_sources(*hook_args: object) -> None:
+    """Hand the pages of the plain weights packed so far back to the OS where they are views of the
+    memory-mapped checkpoint (`release_tensor_pages`), so the packed copies add no resident memory; the plain
+    weights map back in if anything reads them. Also a forward hook of modules with packed layers."""
+    release_tensor_pages(_packed_sources)
+    _packed_sources.clear()
 
 
 def _use_packed(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -162,8 +167,8 @@ def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None 
         if isinstance(layer, (PackedLinear, MatmulConv2d)):
             layer.packed_dtypes = dtypes
             switched += 1
-    if not any(hook is _release_packed_sources for hook in module._forward_hooks.values()):
-        module.register_forward_hook(_release_packed_sources)
+    if not any(hook is release_packed_sources for hook in module._forward_hooks.values()):
+        module.register_forward_hook(release_packed_sources)
     return switched
 
 
