@@ -114,7 +114,8 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
 
         load_vae(model, find_vae(opt.vae, opt.vae_dir))
     loras = LoraSet(model)
-    prepare(model, device, opt.precision, options, weights_identity(opt, config, ckpt_hash, loras))
+    weights = weights_identity(opt, config, ckpt_hash, loras) if options.backend == "openvino" else None
+    prepare(model, device, opt.precision, options, weights)
     return Session(
         opt=opt,
         device=device,

@@ -34,14 +34,26 @@ import txt2img  # noqa: E402
 from test_layers import imports_torch  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch) -> Path:
-    """The OpenVINO cache in a fresh folder; one torch thread (OpenVINO takes as many)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def one_thread(shared_cache, monkeypatch):
+    """One torch thread (OpenVINO takes as many); the OpenVINO cache in this module's folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared_cache))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield cache_root()
+    yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """The OpenVINO cache in a fresh folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return cache_root()
 
 
 def fixed_weights(role: str) -> dict:
@@ -100,7 +112,11 @@ def txt2img_run(outdir: Path, *flags: str) -> np.ndarray:
          "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "6", "--no-safety-checker", "--precision", "full",
          "--skip_grid", *flags]
     )  # fmt: skip
-    with Image.open(outdir / "samples" / "00000.png") as image:
+    return pixels(outdir / "samples" / "00000.png")
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
         return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
@@ -230,3 +246,58 @@ def test_prepare_refuses_other_devices_and_compile(tiny_ldm):
     ):
         with pytest.raises(UserError, match="--backend openvino runs on the CPU"):
             prepare(tiny_ldm, device, "full", options, fixed_weights)
+
+
+def test_img2img_and_a_9_channel_inpainting_unet_give_torch_images(tmp_path):
+    import img2img
+    import inpaint
+    from omegaconf import OmegaConf
+    from test_inpaint import INPAINT_CONFIG, make_ckpt, make_inputs
+
+    init_img, mask, _ = make_inputs(tmp_path, 96, 64)
+    inpaint_ckpt = make_ckpt(tmp_path, OmegaConf.load(ROOT / INPAINT_CONFIG))
+    common = ["--init-img", str(init_img), "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4",
+              "--no-safety-checker", "--precision", "full", "--skip_grid", "--prompt", "a red circle"]  # fmt: skip
+    runs = {
+        "img2img": lambda outdir, *flags: img2img.main(
+            ["--ckpt", "shapes", "--outdir", str(outdir), "--strength", "0.6", *common, *flags]
+        ),
+        "inpaint": lambda outdir, *flags: inpaint.main(
+            [
+                "--config",
+                INPAINT_CONFIG,
+                "--ckpt",
+                str(inpaint_ckpt),
+                "--mask",
+                str(mask),
+                "--outdir",
+                str(outdir),
+                *common,
+                *flags,
+            ]
+        ),  # fmt: skip
+    }
+    for name, run in runs.items():
+        run(tmp_path / name / "torch")
+        run(tmp_path / name / "openvino", "--backend", "openvino")
+        images = [
+            pixels(tmp_path / name / backend / "samples" / "00000.png") for backend in ("torch", "openvino")
+        ]
+        assert images[0].shape == images[1].shape == (64, 96, 3)
+        assert np.abs(images[0] - images[1]).max() <= 3, name
+
+
+def test_conversion_inside_a_bf16_scope_traces_float32(cache):
+    """The first call may come inside the session's precision scope (bf16 autocast, and on CPUs without bf16
+    units ldm.runtime.bf16's dispatch mode): the model is still traced in float32, with f32 numbers."""
+    from ldm.runtime.bf16 import Bf16ProductsInFp32
+
+    torch.manual_seed(0)
+    module = SmallDecoder()
+    z = torch.randn(2, 4, 8, 8).bfloat16()  # as the bf16 text encoder's context comes
+    module.forward = OpenVINORunner(module, "decoder", decoder_inputs, fixed_weights, {}, "full")
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16), Bf16ProductsInFp32():
+            out = module(z)
+        expected = SmallDecoder.forward(module, z.float())
+    assert out.dtype == torch.float32 and (out - expected).abs().max() <= 1e-5 * expected.abs().max()
