@@ -301,3 +301,49 @@ def test_conversion_inside_a_bf16_scope_traces_float32(cache):
             out = module(z)
         expected = SmallDecoder.forward(module, z.float())
     assert out.dtype == torch.float32 and (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_lora_for_the_next_batch_is_converted_not_stale(tmp_path, tiny_config, cache):
+    """One session, two batches: the second merges a LoRA (a prompt tag); its UNet is converted under its own
+    key, and both images are torch's."""
+    from conftest import randomize_
+    from test_lora import random_kohya_lora
+
+    from ldm.checkpoint import save_checkpoint
+    from ldm.util import instantiate_from_config
+
+    model = randomize_(instantiate_from_config(tiny_config.model), std=0.1)
+    save_checkpoint(tmp_path / "tiny.ckpt", model.state_dict())
+    (tmp_path / "lora").mkdir()
+    random_kohya_lora(model, tmp_path / "lora" / "detail.safetensors", seed=1)
+    (tmp_path / "prompts.txt").write_text("a red circle\na red circle <lora:detail:0.8>\n")
+    images = {}
+    for backend in ("torch", "openvino"):
+        outdir = tmp_path / backend
+        txt2img.main(
+            ["--config", "tests/configs/tiny-ldm.yaml", "--ckpt", str(tmp_path / "tiny.ckpt"), "--outdir",
+             str(outdir), "--H", "64", "--W", "64", "--ddim_steps", "4", "--n_samples", "1", "--n_iter", "1",
+             "--no-safety-checker", "--skip_grid", "--precision", "full", "--lora-dir", str(tmp_path / "lora"),
+             "--from-file", str(tmp_path / "prompts.txt"), "--backend", backend]
+        )  # fmt: skip
+        images[backend] = [pixels(outdir / "samples" / f"0000{i}.png") for i in range(2)]
+    assert np.abs(images["torch"][0] - images["torch"][1]).max() > 10  # the LoRA changes the image
+    for ours, theirs in zip(images["openvino"], images["torch"], strict=True):
+        assert np.abs(ours - theirs).max() <= 3
+    assert len(list(cache.glob("unet-*"))) == 2 and len(list(cache.glob("decoder-*"))) == 1
+
+
+def test_a_tiled_vae_decodes_in_torch_and_the_server_passes_the_flag(tiny_ldm):
+    prepare(
+        tiny_ldm,
+        torch.device("cpu"),
+        "full",
+        RuntimeOptions(backend="openvino", vae_tiling=True),
+        fixed_weights,
+    )
+    assert isinstance(tiny_ldm.model.diffusion_model.forward, OpenVINORunner)
+    assert "forward" not in vars(tiny_ldm.first_stage_model.decoder)  # tiled windows: torch's decoder
+
+    from ldm.server.launch import build_parser, model_flags
+
+    assert model_flags(build_parser().parse_args(["--backend", "openvino"])) == ["--backend", "openvino"]
