@@ -141,7 +141,9 @@ class OpenVINORunner:
             self.request = self.load(key, inputs)
             self.key = key
         self.request.infer([tensor.numpy() for tensor in inputs.values()], share_inputs=True)
-        return torch.from_numpy(self.request.get_output_tensor(0).data.copy())
+        return torch.from_numpy(
+            self.request.get_output_tensor(0).data.copy()
+        )  # the next call reuses its memory
 
     def load(self, key: str, inputs: dict[str, torch.Tensor]) -> Any:
         """The infer request of the model of `key`, compiled (or loaded from OpenVINO's cache) for the CPU."""
@@ -164,11 +166,12 @@ def unet_inputs(
     y: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """A UNet call's tensors: x [B, C, H, W], timesteps [B] (as float32: the timestep embedding computes in
-    float), context [B, M, D] and class labels y [B] where given."""
-    named = {"x": x.float(), "timesteps": timesteps.float(), "context": context, "y": y}
-    if context is not None:
-        named["context"] = context.float()
-    return {name: tensor.detach().contiguous() for name, tensor in named.items() if tensor is not None}
+    float), context [B, M, D] (float32, also from a bf16 text encoder) and class labels y [B] where given."""
+    named = {"x": x, "timesteps": timesteps, "context": context}
+    named = {name: tensor.float() for name, tensor in named.items() if tensor is not None}
+    if y is not None:
+        named["y"] = y
+    return {name: tensor.detach().contiguous() for name, tensor in named.items()}
 
 
 def decoder_inputs(z: torch.Tensor) -> dict[str, torch.Tensor]:
