@@ -1,6 +1,6 @@
 """Writing files so that nothing is lost or half-written: temporary names (of files or folders) that say which
-process made them, removal of the ones a killed process left behind, the user's umask for what we create, and a write probe
-for output folders."""
+process made them, removal of the ones a killed process left behind, the user's umask for what we create, and a
+write probe for output folders."""
 
 import os
 import re
