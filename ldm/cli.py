@@ -181,6 +181,9 @@ FLAGS: tuple[Flag, ...] = (
          "before the model loads (default: what the machine or GPU has free)", type=float, check=finite(0.0),
          metavar="GIB"),
     Flag("--compile", "torch.compile the UNet (the first step then includes compiling)", type=None),
+    Flag("--backend", "torch: this project's own layers; openvino: the UNet and VAE decoder as OpenVINO models on "
+         "the CPU (pip install .[openvino]; the first run converts them into ~/.cache/stable-diffusion/openvino, "
+         "later runs load them from there)", choices=("torch", "openvino"), default="torch", image=True),
     Flag("--max-pixels", "refuse input images with more pixels than this (2048x2048 by default)", type=int,
          default=DEFAULT_MAX_PIXELS, check=at_least(1), scripts=WITH_IMAGE, image=True),
     Flag("--no-vae-tiling", f"never tile the VAE (by default it is tiled on the CPU from {TILED_VAE_FROM} px on a "
@@ -278,6 +281,7 @@ def parse_args(script: str, description: str | None, argv: Sequence[str] | None)
         if problem:
             raise UserError(f"{flag.name} {problem}, got {value}")
     opt.sampler = choose_sampler(opt)
+    check_backend(opt)
     if opt.seed == -1:
         opt.seed = random.randrange(2**32)
         print(f"seed -1: picked seed {opt.seed}")
@@ -355,6 +359,24 @@ def png_flags(path: str, script: str) -> list[str]:
             f"note: --from-png: the image was made with model hash {record['Model hash']}: pass that --ckpt"
         )
     return flags
+
+
+def check_backend(opt: argparse.Namespace) -> None:
+    """--backend openvino: OpenVINO installed, the CPU (what --device auto then picks), no torch-only flags."""
+    if opt.backend != "openvino":
+        return
+    if opt.device not in ("auto", "cpu"):
+        raise UserError(
+            f"--backend openvino runs on the CPU: drop --device {opt.device} or use --backend torch"
+        )
+    for flag, given in (("--compile", opt.compile), ("--attention-chunk", opt.attention_chunk is not None)):
+        if given:
+            raise UserError(f"{flag} is for --backend torch (OpenVINO compiles its own models): drop {flag}")
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        raise UserError("--backend openvino needs OpenVINO: pip install .[openvino]") from None
+    opt.device = "cpu"
 
 
 def choose_sampler(opt: argparse.Namespace) -> str:

@@ -1,10 +1,11 @@
-"""Writing files so that nothing is lost or half-written: temporary names that say which process made them,
-removal of the ones a killed process left behind, the user's umask for what we create, and a write probe
-for output folders."""
+"""Writing files so that nothing is lost or half-written: temporary names (of files or folders) that say which
+process made them, removal of the ones a killed process left behind, the user's umask for what we create, and a
+write probe for output folders."""
 
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,8 +31,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path) -> int:
-    """Remove the temporary files in `folder` (of `temporary_path`'s naming) whose process is gone, as a
-    killed run leaves them. Returns how many were removed."""
+    """Remove the temporary files and folders in `folder` (of `temporary_path`'s naming) whose process is gone,
+    as a killed run leaves them. Returns how many were removed."""
     removed = 0
     try:
         names = os.listdir(folder)
@@ -41,7 +42,10 @@ def remove_stale_temporaries(folder: Path) -> int:
         match = _TEMPORARY.match(name)
         if match and int(match[1]) != os.getpid() and not _alive(int(match[1])):
             try:
-                os.unlink(folder / name)
+                if (folder / name).is_dir():
+                    shutil.rmtree(folder / name)
+                else:
+                    os.unlink(folder / name)
                 removed += 1
             except OSError:
                 pass

@@ -5,12 +5,15 @@ their metadata, and the three ways to render a batch (txt2img, img2img, inpaint)
 `opt` is any object with the scripts' option names as attributes (an argparse.Namespace from ldm.cli, or a
 SimpleNamespace): prompt, negative_prompt, outdir, skip_grid, skip_save, ddim_steps, sampler, fixed_code,
 ddim_eta, n_iter, n_samples, n_rows, scale, config, ckpt, seed, precision, device, safety_checker,
-no_safety_checker, C, f and the runtime options (vae_tiling, attention_chunk, lowvram, threads, compile).
+no_safety_checker, C, f and the runtime options (vae_tiling, attention_chunk, lowvram, threads, compile,
+backend).
 """
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,7 @@ def runtime_options(opt: Any) -> RuntimeOptions:
         lowvram=opt.lowvram,
         threads=opt.threads,
         compile=opt.compile,
+        backend=getattr(opt, "backend", "torch"),
     )
 
 
@@ -109,7 +113,9 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
         from ldm.adapters.vae import find_vae, load_vae
 
         load_vae(model, find_vae(opt.vae, opt.vae_dir))
-    prepare(model, device, opt.precision, options)
+    loras = LoraSet(model)
+    weights = weights_identity(opt, config, ckpt_hash, loras) if options.backend == "openvino" else None
+    prepare(model, device, opt.precision, options, weights)
     return Session(
         opt=opt,
         device=device,
@@ -119,9 +125,40 @@ def open_session(opt: Any, config: Any, image_conditioning: bool = False) -> Ses
         safety_checker=safety_checker,
         watermark=Watermarker(),
         prompt_encoder=prompt_encoder(model, opt),
-        loras=LoraSet(model),
+        loras=loras,
         model_hash=ckpt_hash.result(),  # after everything else that loads
     )
+
+
+def weights_identity(opt: Any, config: Any, ckpt_hash: Future, loras: Any) -> Callable[[str], dict]:
+    """What the weights of the UNet ("unet") or the VAE decoder ("decoder") are now, as the OpenVINO backend keys
+    its converted models: the checkpoint's hash and the config, with the LoRAs merged now (`loras`, an
+    ldm.adapters.lora.LoraSet) for the UNet, the --vae file for the decoder; files named by their sha256."""
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import cached_model_hash
+
+    hashes: dict[str, str] = {}
+
+    def file_hash(path: str | Path) -> str:
+        if str(path) not in hashes:
+            hashes[str(path)] = cached_model_hash(path)
+        return hashes[str(path)]
+
+    config_hash = hashlib.sha256(OmegaConf.to_yaml(config).encode()).hexdigest()
+    vae = getattr(opt, "vae", None)
+    if vae:
+        from ldm.adapters.vae import find_vae
+
+        vae = find_vae(vae, opt.vae_dir)
+
+    def identity(part: str) -> dict:
+        weights = {"checkpoint": ckpt_hash.result(), "config": config_hash}
+        if part == "unet":
+            return {**weights, "loras": [[file_hash(path), weight] for path, weight in loras.loras]}
+        return {**weights, "vae": file_hash(vae) if vae else None}
+
+    return identity
 
 
 def prompt_encoder(model: Any, opt: Any) -> Any:

@@ -6,7 +6,7 @@ CPU fast paths). The model classes know nothing of this; the mechanisms live bes
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ class RuntimeOptions:
     lowvram: bool = False  # only the module in use on the GPU
     threads: int | None = None  # torch CPU threads (None: default_threads())
     compile: bool = False  # torch.compile the UNet
+    backend: str = "torch"  # openvino: the UNet and VAE decoder through OpenVINO (ldm.runtime.openvino)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -118,13 +119,24 @@ def load_device(device: torch.device, options: RuntimeOptions) -> torch.device:
     return torch.device("cpu") if options.lowvram else device
 
 
-def prepare(model: nn.Module, device: torch.device, precision: str, options: RuntimeOptions) -> None:
+def prepare(
+    model: nn.Module,
+    device: torch.device,
+    precision: str,
+    options: RuntimeOptions,
+    weights: Callable[[str], dict] | None = None,
+) -> None:
     """Apply the runtime to a loaded LatentDiffusion on `device`: low-precision weights for autocast (fp16 on
     CUDA, bf16 on the CPU), tiling, attention chunks, threads (`default_threads` on the CPU unless given, with
     a hint when the cores are busy), compile; on the CPU the fast paths, malloc keeping
-    freed activations for reuse, and only the module in use resident; elsewhere --lowvram offloading."""
+    freed activations for reuse, and only the module in use resident; elsewhere --lowvram offloading.
+    The openvino backend (CPU only) replaces low precision and the fast paths, both for the modules it runs;
+    `weights` says what their weights are (see ldm.runtime.openvino.use_openvino)."""
+    openvino = options.backend == "openvino"
+    if openvino and (device.type != "cpu" or options.compile or options.attention_chunk is not None):
+        raise UserError("--backend openvino runs on the CPU, without --compile or --attention-chunk")
     dtype = autocast_dtype(precision, device)
-    if dtype is not None:
+    if dtype is not None and not openvino:
         low_precision(model, dtype)
     if options.vae_tiling:
         if not hasattr(model.first_stage_model, "enable_tiling"):
@@ -132,8 +144,13 @@ def prepare(model: nn.Module, device: torch.device, precision: str, options: Run
         model.first_stage_model.enable_tiling()
     if options.attention_chunk is not None:
         set_attention_chunk(model, options.attention_chunk)
+    if openvino:
+        from ldm.runtime.openvino import use_openvino
+
+        use_openvino(model, precision, weights, decoder=not options.vae_tiling)  # tiled VAE: torch's
+    elif device.type == "cpu":
+        apply_cpu_fast_paths(model)  # (it changes only the UNet and the decoder)
     if device.type == "cpu":
-        apply_cpu_fast_paths(model)
         keep_freed_memory()
         release_idle_units(model)
         if options.lowvram:

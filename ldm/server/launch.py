@@ -11,7 +11,7 @@ from ldm.loading import DEFAULT_CKPT, resolve_path
 
 # the generation scripts' flags that choose and run the model, passed through to them
 MODEL_FLAGS = ("--config", "--device", "--precision", "--safety-checker", "--no-safety-checker", "--vae-tiling",
-               "--attention-chunk", "--lowvram", "--threads", "--compile")  # fmt: skip
+               "--attention-chunk", "--lowvram", "--threads", "--compile", "--backend")  # fmt: skip
 
 
 def default_ckpt() -> str:
