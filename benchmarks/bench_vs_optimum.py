@@ -1,7 +1,7 @@
 """Whole txt2img against optimum-intel's OpenVINO pipeline (`OVStableDiffusionPipeline`), same weights.
 
     python benchmarks/bench_vs_optimum.py --optimum-python /path/to/venv/bin/python [--size 512] [--steps 20]
-        [--reps 2] [--threads 2] [--workdir /tmp/sdbench] [--write BENCHMARKS.md]
+        [--reps 2] [--threads 2] [--ours-openvino] [--workdir /tmp/sdbench] [--write BENCHMARKS.md]
 
 optimum-intel pins its own transformers, so it lives in a virtual environment of its own, named by
 `--optimum-python` (`python -m venv V && V/bin/pip install torch==2.14.1 "optimum-intel[openvino]" diffusers`).
@@ -14,6 +14,8 @@ load, OpenVINO's compile (its compiled-model cache on; the first OpenVINO proces
 apart), prompt, 20 DDIM steps at guidance 7.5, decode, PNG. Both run at their default precision on this CPU
 (ours `--precision auto`, OpenVINO's default inference precision), with static shapes for OpenVINO
 (`pipe.reshape`, what its docs advise for speed). Reported: wall time and peak RSS of each process, medians.
+`--ours-openvino` adds our txt2img with `--backend openvino` (its first run, converting into
+~/.cache/stable-diffusion/openvino, reported apart).
 """
 
 import argparse
@@ -50,8 +52,8 @@ def child_openvino(ov_dir: Path, size: int, steps: int, threads: int, outdir: Pa
     image.save(outdir / "openvino.png")
 
 
-def child_ours(ckpt: Path, size: int, steps: int, threads: int, outdir: Path) -> None:
-    """`python scripts/txt2img.py` as a user runs it (through run_cli), default precision."""
+def child_ours(ckpt: Path, size: int, steps: int, threads: int, outdir: Path, backend: str = "torch") -> None:
+    """`python scripts/txt2img.py` as a user runs it (through run_cli), default precision, `--backend`."""
     sys.path.insert(0, str(ROOT))
     from ldm.cli import run_cli
     from scripts.txt2img import main
@@ -59,7 +61,7 @@ def child_ours(ckpt: Path, size: int, steps: int, threads: int, outdir: Path) ->
     argv = [
         "--prompt", PROMPT, "--ckpt", str(ckpt), "--H", str(size), "--W", str(size), "--ddim_steps", str(steps),
         "--scale", str(SCALE), "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--no-safety-checker",
-        "--threads", str(threads), "--outdir", str(outdir),
+        "--threads", str(threads), "--outdir", str(outdir), "--backend", backend,
     ]  # fmt: skip
     run_cli(lambda: main(argv))
 
@@ -105,15 +107,24 @@ def measure(opt: argparse.Namespace) -> dict:
     out = opt.workdir / "e2e-out"
     ours = ["--child", "ours", str(ckpt), *common, "--outdir", str(out)]
     theirs = ["--child", "openvino", str(ov_dir), *common, "--outdir", str(out)]
-    results = {"ours": [], "openvino": [], "openvino_first": None}
+    ours_ov = ["--child", "ours-openvino", str(ckpt), *common, "--outdir", str(out)]
+    commands = {
+        "ours": (sys.executable, ours),
+        "ours-openvino": (sys.executable, ours_ov),
+        "openvino": (opt.optimum_python, theirs),
+    }
+    impls = list(commands) if opt.ours_openvino else ["ours", "openvino"]
+    results: dict = {impl: [] for impl in impls} | {"openvino_first": None, "ours-openvino_first": None}
     cache = ov_dir / "model_cache"
     if not cache.exists() or not any(cache.iterdir()):
         results["openvino_first"] = run(opt.optimum_python, *theirs)  # fills the compiled-model cache
         print("openvino, first (compiles)", results["openvino_first"], flush=True)
+    if opt.ours_openvino:  # converts (or finds converted) our UNet and decoder in ~/.cache/stable-diffusion
+        results["ours-openvino_first"] = run(*commands["ours-openvino"])
+        print("ours-openvino, first (converts or reuses)", results["ours-openvino_first"], flush=True)
     for rep in range(opt.reps):
-        for impl in ("ours", "openvino") if rep % 2 == 0 else ("openvino", "ours"):
-            args = ours if impl == "ours" else theirs
-            results[impl].append(run(sys.executable if impl == "ours" else opt.optimum_python, *args))
+        for impl in impls if rep % 2 == 0 else impls[::-1]:
+            results[impl].append(run(*commands[impl]))
             print(impl, results[impl][-1], flush=True)
     return results
 
@@ -125,9 +136,15 @@ def report(opt: argparse.Namespace, results: dict) -> str:
     def med(impl: str, key: str) -> float:
         return statistics.median(r[key] for r in results[impl])
 
+    labels = {
+        "ours": "ours (`scripts/txt2img.py`, default precision)",
+        "ours-openvino": "ours with `--backend openvino` (default precision)",
+        "openvino": "optimum-intel `OVStableDiffusionPipeline` (default precision, static shapes)",
+    }
     rows = ["| | wall (each run) | peak RSS |", "|---|---:|---:|"]
-    for impl, label in (("ours", "ours (`scripts/txt2img.py`, default precision)"),
-                        ("openvino", "optimum-intel `OVStableDiffusionPipeline` (default precision, static shapes)")):  # fmt: skip
+    for impl, label in labels.items():
+        if impl not in results:
+            continue
         walls = ", ".join(f"{r['wall_s']:.1f}" for r in results[impl])
         rows.append(
             f"| {label} | {med(impl, 'wall_s'):.1f} s ({walls}) | {med(impl, 'peak_rss_mib'):.0f} MiB |"
@@ -135,20 +152,26 @@ def report(opt: argparse.Namespace, results: dict) -> str:
     ratio_wall = med("ours", "wall_s") / med("openvino", "wall_s")
     ratio_rss = med("ours", "peak_rss_mib") / med("openvino", "peak_rss_mib")
     rows.append(f"| ratio ours / OpenVINO | {ratio_wall:.2f}x | {ratio_rss:.2f}x |")
-    first = results["openvino_first"]
+    if "ours-openvino" in results:
+        wall = med("ours-openvino", "wall_s") / med("openvino", "wall_s")
+        rss = med("ours-openvino", "peak_rss_mib") / med("openvino", "peak_rss_mib")
+        rows.append(f"| ratio ours `--backend openvino` / OpenVINO | {wall:.2f}x | {rss:.2f}x |")
+    notes = []
+    for key, what in (("openvino_first", "OpenVINO's first run (compiling, filling its cache)"),
+                      ("ours-openvino_first", "Our `--backend openvino`'s first run (converting, unless "
+                       "~/.cache/stable-diffusion/openvino already had the models)")):  # fmt: skip
+        if results.get(key):
+            notes.append(f"{what}: {results[key]['wall_s']:.1f} s, {results[key]['peak_rss_mib']:.0f} MiB.")
     loads = [r["load_1min"] for impl in ("ours", "openvino") for r in results[impl]]
+    ours_openvino = " --ours-openvino" if "ours-openvino" in results else ""
     return (
         f"Command: `python benchmarks/bench_vs_optimum.py --optimum-python V/bin/python --size {opt.size} "
-        f"--steps {opt.steps} --reps {opt.reps} --threads {opt.threads}`. CPU: {cpu_flags()}. "
+        f"--steps {opt.steps} --reps {opt.reps} --threads {opt.threads}{ours_openvino}`. CPU: {cpu_flags()}. "
         f"1-minute load average after each run: {min(loads):.1f}-{max(loads):.1f}.\n\n"
         + "\n".join(rows)
+        + "\n\n"
+        + " ".join(notes)
         + "\n"
-        + (
-            f"\nOpenVINO's first run (compiling, filling its cache): {first['wall_s']:.1f} s, "
-            f"{first['peak_rss_mib']:.0f} MiB.\n"
-            if first
-            else ""
-        )  # fmt: skip
     )
 
 
@@ -164,14 +187,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--reps", type=int, default=2, help="processes per implementation, alternated")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--ours-openvino", action="store_true", help="also ours with --backend openvino")
     parser.add_argument("--write", type=Path, help="append the table to this markdown file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--outdir", type=Path, help=argparse.SUPPRESS)
     opt = parser.parse_args()
     if opt.child:
         impl, path = opt.child
-        child = child_ours if impl == "ours" else child_openvino
-        child(Path(path), opt.size, opt.steps, opt.threads, opt.outdir)
+        if impl == "openvino":
+            child_openvino(Path(path), opt.size, opt.steps, opt.threads, opt.outdir)
+        else:
+            backend = "openvino" if impl == "ours-openvino" else "torch"
+            child_ours(Path(path), opt.size, opt.steps, opt.threads, opt.outdir, backend)
         print(f"PEAK_RSS_MIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}", flush=True)
         return
     if not opt.optimum_python:
