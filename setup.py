@@ -38,7 +38,8 @@ setup(
             "matplotlib>=3.7",
             "scipy>=1.10",
             "torchmetrics>=1.0",
+            "openvino>=2024.0",  # tests/test_openvino_backend.py
         ],
-        "openvino": ["openvino>=2024.0"],  # benchmarks/bench_vs_diffusers.py --peers: OpenVINO as a peer
+        "openvino": ["openvino>=2024.0"],  # --backend openvino; benchmarks/bench_vs_diffusers.py --peers
     },
 )
