@@ -1,7 +1,7 @@
 """Whole txt2img against optimum-intel's OpenVINO pipeline (`OVStableDiffusionPipeline`), same weights.
 
     python benchmarks/bench_vs_optimum.py --optimum-python /path/to/venv/bin/python [--size 512] [--steps 20]
-        [--reps 2] [--threads 2] [--ours-openvino] [--workdir /tmp/sdbench] [--write BENCHMARKS.md]
+        [--reps 2] [--threads 2] [--ours-openvino] [--sd-cpp PATH/sd] [--workdir /tmp/sdbench] [--write FILE]
 
 optimum-intel pins its own transformers, so it lives in a virtual environment of its own, named by
 `--optimum-python` (`python -m venv V && V/bin/pip install torch==2.14.1 "optimum-intel[openvino]" diffusers`).
@@ -15,15 +15,16 @@ apart), prompt, 20 DDIM steps at guidance 7.5, decode, PNG. Both run at their de
 (ours `--precision auto`, OpenVINO's default inference precision), with static shapes for OpenVINO
 (`pipe.reshape`, what its docs advise for speed). Reported: wall time and peak RSS of each process, medians.
 `--ours-openvino` adds our txt2img with `--backend openvino` (its first run, converting into
-~/.cache/stable-diffusion/openvino, reported apart).
+~/.cache/stable-diffusion/openvino, reported apart); `--sd-cpp PATH` adds stable-diffusion.cpp's binary on the
+same .safetensors file (its euler sampler: one UNet call a step, as DDIM).
 """
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,19 +67,18 @@ def child_ours(ckpt: Path, size: int, steps: int, threads: int, outdir: Path, ba
     run_cli(lambda: main(argv))
 
 
-def run(python: str, *args: str) -> dict:
-    """One child process of this script under `python`: its wall time and peak RSS (MiB)."""
+def run(*command: str) -> dict:
+    """One child process: its wall time and its own peak RSS (MiB, from wait4's rusage)."""
     start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run([python, __file__, *args], capture_output=True, text=True, cwd=ROOT, check=False)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"child {args} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    # ru_maxrss of children is the largest of any child so far: a smaller child after a larger one is hidden,
-    # so each child also reports its own peak.
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("PEAK_RSS_MIB ")]
-    peak = float(lines[-1].split()[1]) if lines else max(before, 0) / 1024
-    return {"wall_s": seconds, "peak_rss_mib": peak, "load_1min": os.getloadavg()[0]}
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            log.seek(0)
+            raise RuntimeError(f"{command} failed ({proc.returncode}):\n{log.read()[-4000:]}")
+    return {"wall_s": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "load_1min": os.getloadavg()[0]}
 
 
 def export(opt: argparse.Namespace) -> tuple[Path, Path]:
@@ -109,15 +109,21 @@ def measure(opt: argparse.Namespace) -> dict:
     theirs = ["--child", "openvino", str(ov_dir), *common, "--outdir", str(out)]
     ours_ov = ["--child", "ours-openvino", str(ckpt), *common, "--outdir", str(out)]
     commands = {
-        "ours": (sys.executable, ours),
-        "ours-openvino": (sys.executable, ours_ov),
-        "openvino": (opt.optimum_python, theirs),
+        "ours": (sys.executable, __file__, *ours),
+        "ours-openvino": (sys.executable, __file__, *ours_ov),
+        "openvino": (opt.optimum_python, __file__, *theirs),
     }
-    impls = list(commands) if opt.ours_openvino else ["ours", "openvino"]
+    if opt.sd_cpp:  # stable-diffusion.cpp reads the .safetensors itself; euler: one UNet call a step, as DDIM
+        commands["sd.cpp"] = (
+            opt.sd_cpp, "-m", str(ckpt), "-p", PROMPT, "-W", str(opt.size), "-H", str(opt.size),
+            "--steps", str(opt.steps), "--cfg-scale", str(SCALE), "--sampling-method", "euler",
+            "-t", str(opt.threads), "-s", "42", "-o", str(out / "sd-cpp.png"),
+        )  # fmt: skip
+    impls = [impl for impl in commands if impl != "ours-openvino" or opt.ours_openvino]
     results: dict = {impl: [] for impl in impls} | {"openvino_first": None, "ours-openvino_first": None}
     cache = ov_dir / "model_cache"
     if not cache.exists() or not any(cache.iterdir()):
-        results["openvino_first"] = run(opt.optimum_python, *theirs)  # fills the compiled-model cache
+        results["openvino_first"] = run(*commands["openvino"])  # fills the compiled-model cache
         print("openvino, first (compiles)", results["openvino_first"], flush=True)
     if opt.ours_openvino:  # converts (or finds converted) our UNet and decoder in ~/.cache/stable-diffusion
         results["ours-openvino_first"] = run(*commands["ours-openvino"])
@@ -140,6 +146,7 @@ def report(opt: argparse.Namespace, results: dict) -> str:
         "ours": "ours (`scripts/txt2img.py`, default precision)",
         "ours-openvino": "ours with `--backend openvino` (default precision)",
         "openvino": "optimum-intel `OVStableDiffusionPipeline` (default precision, static shapes)",
+        "sd.cpp": "stable-diffusion.cpp (`--sampling-method euler`, the file's f32 weights)",
     }
     rows = ["| | wall (each run) | peak RSS |", "|---|---:|---:|"]
     for impl, label in labels.items():
@@ -156,6 +163,12 @@ def report(opt: argparse.Namespace, results: dict) -> str:
         wall = med("ours-openvino", "wall_s") / med("openvino", "wall_s")
         rss = med("ours-openvino", "peak_rss_mib") / med("openvino", "peak_rss_mib")
         rows.append(f"| ratio ours `--backend openvino` / OpenVINO | {wall:.2f}x | {rss:.2f}x |")
+    if "sd.cpp" in results:
+        wall, rss = (
+            med("ours", "wall_s") / med("sd.cpp", "wall_s"),
+            med("ours", "peak_rss_mib") / med("sd.cpp", "peak_rss_mib"),
+        )
+        rows.append(f"| ratio ours / stable-diffusion.cpp | {wall:.2f}x | {rss:.2f}x |")
     notes = []
     for key, what in (("openvino_first", "OpenVINO's first run (compiling, filling its cache)"),
                       ("ours-openvino_first", "Our `--backend openvino`'s first run (converting, unless "
@@ -163,10 +176,12 @@ def report(opt: argparse.Namespace, results: dict) -> str:
         if results.get(key):
             notes.append(f"{what}: {results[key]['wall_s']:.1f} s, {results[key]['peak_rss_mib']:.0f} MiB.")
     loads = [r["load_1min"] for impl in ("ours", "openvino") for r in results[impl]]
-    ours_openvino = " --ours-openvino" if "ours-openvino" in results else ""
+    extra = (" --ours-openvino" if "ours-openvino" in results else "") + (
+        " --sd-cpp sd" if "sd.cpp" in results else ""
+    )
     return (
         f"Command: `python benchmarks/bench_vs_optimum.py --optimum-python V/bin/python --size {opt.size} "
-        f"--steps {opt.steps} --reps {opt.reps} --threads {opt.threads}{ours_openvino}`. CPU: {cpu_flags()}. "
+        f"--steps {opt.steps} --reps {opt.reps} --threads {opt.threads}{extra}`. CPU: {cpu_flags()}. "
         f"1-minute load average after each run: {min(loads):.1f}-{max(loads):.1f}.\n\n"
         + "\n".join(rows)
         + "\n\n"
@@ -188,6 +203,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2, help="processes per implementation, alternated")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--ours-openvino", action="store_true", help="also ours with --backend openvino")
+    parser.add_argument(
+        "--sd-cpp", help="also stable-diffusion.cpp: the path of its `sd` (or `sd-cli`) binary"
+    )
     parser.add_argument("--write", type=Path, help="append the table to this markdown file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--outdir", type=Path, help=argparse.SUPPRESS)
@@ -199,7 +217,6 @@ def main() -> None:
         else:
             backend = "openvino" if impl == "ours-openvino" else "torch"
             child_ours(Path(path), opt.size, opt.steps, opt.threads, opt.outdir, backend)
-        print(f"PEAK_RSS_MIB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}", flush=True)
         return
     if not opt.optimum_python:
         parser.error("--optimum-python is required: the python of a venv with optimum-intel[openvino]")
