@@ -1,6 +1,8 @@
 """The CPU fast paths the runtime applies give the plain layers' numbers: matmul convolutions, the decoder's
 channels_last levels, prepacked bf16 weights, and all applied to a whole model."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from ldm.runtime.fast_paths import (
     MatmulConv2d,
     PackedLinear,
     apply_cpu_fast_paths,
+    fp32_sources_kept,
     use_channels_last_decoder,
     use_matmul_convolutions,
     use_packed_linears,
@@ -176,13 +179,34 @@ def test_packed_dtypes_follow_the_cpu(monkeypatch):
 
 @needs_onednn_bf16
 def test_bf16_unet_with_packed_weights_gives_the_plain_bf16_eps(tiny_ldm):
+    """Packed layers keep their fp32 weights through the bf16 conversion (`fp32_sources_kept`) and pack them in
+    bf16 under autocast: the eps of the plain bf16 UNet, and no bf16 copy of those weights."""
     x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     randomize_(tiny_ldm.model.diffusion_model, std=0.05)
+    fast = copy.deepcopy(tiny_ldm)
     low_precision(tiny_ldm, torch.bfloat16)
-    unet = tiny_ldm.model.diffusion_model
+    unet = fast.model.diffusion_model
+    assert use_packed_linears(unet, {torch.bfloat16}) > 10
+    with fp32_sources_kept(unet):
+        low_precision(fast, torch.bfloat16)
+    linears = [m for m in unet.modules() if isinstance(m, PackedLinear)]
+    assert linears and all(m.weight.dtype == torch.float32 for m in linears)
+    assert unet.input_blocks[1][0].in_layers[2].weight.dtype == torch.bfloat16  # the rest is converted
     with torch.inference_mode(), precision_scope("autocast", torch.device("cpu")):
         plain = tiny_ldm.apply_model(x, t, c).float()
-        assert use_packed_linears(unet) > 10
-        packed = tiny_ldm.apply_model(x, t, c).float()
+        packed = fast.apply_model(x, t, c).float()
     assert plain.abs().max() > 0.1
     torch.testing.assert_close(packed, plain, rtol=0, atol=1e-6)
+    assert all(m._packed_weight[1].dtype == torch.bfloat16 for m in linears if hasattr(m, "_packed_weight"))
+
+
+@needs_onednn_bf16
+def test_fp32_linear_packed_in_bf16_under_autocast_equals_autocasts_linear():
+    torch.manual_seed(0)
+    linear, x = nn.Linear(64, 48), torch.randn(3, 5, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = linear(x)
+        use_packed_linears(linear, {torch.bfloat16})
+        packed = linear(x)
+    assert packed.dtype == plain.dtype == torch.bfloat16 and linear._packed_weight[1].dtype == torch.bfloat16
+    torch.testing.assert_close(packed, plain, rtol=0, atol=0)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ldm.errors import UserError
 from ldm.runtime.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16, cpu_has_native_bf16
-from ldm.runtime.fast_paths import apply_cpu_fast_paths
+from ldm.runtime.fast_paths import apply_cpu_fast_paths, fp32_sources_kept
 from ldm.runtime.memory import (
     enable_lowvram,
     keep_freed_memory,
@@ -136,8 +136,12 @@ def prepare(
     if openvino and (device.type != "cpu" or options.compile or options.attention_chunk is not None):
         raise UserError("--backend openvino runs on the CPU, without --compile or --attention-chunk")
     dtype = autocast_dtype(precision, device)
+    fast_paths = device.type == "cpu" and not openvino
+    if fast_paths:
+        apply_cpu_fast_paths(model)  # (it changes only the UNet and the decoder)
     if dtype is not None and not openvino:
-        low_precision(model, dtype)
+        with fp32_sources_kept(model.model.diffusion_model) if fast_paths else contextlib.nullcontext():
+            low_precision(model, dtype)
     if options.vae_tiling:
         if not hasattr(model.first_stage_model, "enable_tiling"):
             raise UserError("--vae-tiling needs a KL autoencoder first stage (AutoencoderKL)")
@@ -148,8 +152,6 @@ def prepare(
         from ldm.runtime.openvino import use_openvino
 
         use_openvino(model, precision, weights, decoder=not options.vae_tiling)  # tiled VAE: torch's
-    elif device.type == "cpu":
-        apply_cpu_fast_paths(model)  # (it changes only the UNet and the decoder)
     if device.type == "cpu":
         keep_freed_memory()
         release_idle_units(model)

@@ -12,6 +12,9 @@
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,14 +39,14 @@ RELEASE_EVERY_BYTES = 256 * 2**20  # plain weights packed since the last release
 _packed_sources: list[torch.Tensor] = []  # plain weights packed whose pages are not handed back yet
 
 
-def _packed(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [out, in] in oneDNN's blocked layout, made once per weight (its storage and version: inference
-    tensors cannot change) and kept on `module` (not in its state_dict). The plain weight's pages go back to the
-    OS every RELEASE_EVERY_BYTES packed and after the forward (`release_packed_sources`)."""
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
+def _packed(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` [out, in] in `dtype` in oneDNN's blocked layout, made once per weight and dtype (its storage and
+    version: inference tensors cannot change) and kept on `module` (not in its state_dict). The plain weight's
+    pages go back to the OS every RELEASE_EVERY_BYTES packed and after the forward (`release_packed_sources`)."""
+    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, dtype)
     cached = getattr(module, "_packed_weight", None)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)))
         module._packed_weight = cached
         _packed_sources.append(weight)
         if sum(t.numel() * t.element_size() for t in _packed_sources) >= RELEASE_EVERY_BYTES:
@@ -60,18 +63,25 @@ def release_packed_sources(*hook_args: object) -> None:
     _packed_sources.clear()
 
 
-def _use_packed(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Packed products are for inference on the CPU (no autograd through them) in `module.packed_dtypes`; fp32
-    weights under autocast take the plain path, which autocast turns into a bf16 product."""
-    if weight.dtype not in module.packed_dtypes or x.device.type != "cpu" or torch.is_grad_enabled():
-        return False
-    return weight.dtype != torch.float32 or not torch.is_autocast_enabled("cpu")
+def _product_dtype(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype `module`'s product runs in packed, or None for the plain path. Packed products are for inference
+    on the CPU (no autograd through them) in `module.packed_dtypes`: the weight's dtype, or autocast's for an
+    fp32 weight under CPU autocast (the product autocast would make, from a weight packed in that dtype)."""
+    if x.device.type != "cpu" or torch.is_grad_enabled():
+        return None
+    dtype = weight.dtype
+    if dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    return dtype if dtype in module.packed_dtypes else None
 
 
-def packed_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """F.linear(x, weight, bias) in weight's dtype with `weight` prepacked (see `_packed`). x [..., in] -> [..., out]."""
+def packed_linear(
+    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) in `dtype` with `weight` prepacked (see `_packed`). x [..., in] -> [..., out]."""
+    bias = None if bias is None else bias.to(dtype)
     return torch.ops.mkldnn._linear_pointwise(
-        x.to(weight.dtype), _packed(module, weight), bias, "none", [], ""
+        x.to(dtype), _packed(module, weight, dtype), bias, "none", [], ""
     )
 
 
@@ -83,9 +93,10 @@ class PackedLinear(nn.Linear):
     packed_dtypes: frozenset[torch.dtype] = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _use_packed(self, self.weight, x):
+        dtype = _product_dtype(self, self.weight, x)
+        if dtype is None:
             return super().forward(x)
-        return packed_linear(self, x, self.weight, self.bias)
+        return packed_linear(self, x, self.weight, self.bias, dtype)
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -110,9 +121,10 @@ class MatmulConv2d(nn.Conv2d):
             return super().forward(x)
         b, _, h, w = x.shape
         columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
-        if _use_packed(self, self.weight, x):
+        dtype = _product_dtype(self, self.weight, x)
+        if dtype is not None:
             rows = columns.transpose(1, 2).reshape(b * h * w, -1)  # [B * H * W, C_in * 9]
-            out = packed_linear(self, rows, self.weight.view(self.out_channels, -1), self.bias)
+            out = packed_linear(self, rows, self.weight.view(self.out_channels, -1), self.bias, dtype)
             return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2).contiguous()
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H * W]: one product
         weight = self.weight.reshape(self.out_channels, -1)
@@ -170,6 +182,25 @@ def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None 
     if not any(hook is release_packed_sources for hook in module._forward_hooks.values()):
         module.register_forward_hook(release_packed_sources)
     return switched
+
+
+@contextmanager
+def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
+    """Around a conversion of `module` to bf16 (`low_precision`): its `PackedLinear`s that pack in bf16 keep
+    their fp32 weight and bias, from which they pack under autocast (`_product_dtype`): the same bf16 products,
+    without a bf16 copy beside the packed one, and memory-mapped fp32 weights go back to the OS once packed."""
+    kept = [
+        (layer, layer.weight.data, None if layer.bias is None else layer.bias.data)
+        for layer in module.modules()
+        if isinstance(layer, PackedLinear)
+        and torch.bfloat16 in layer.packed_dtypes
+        and layer.weight.dtype == torch.float32
+    ]
+    yield
+    for layer, weight, bias in kept:
+        layer.weight.data = weight
+        if bias is not None:
+            layer.bias.data = bias
 
 
 def apply_cpu_fast_paths(model: nn.Module) -> None:
