@@ -210,3 +210,54 @@ def test_fp32_linear_packed_in_bf16_under_autocast_equals_autocasts_linear():
         packed = linear(x)
     assert packed.dtype == plain.dtype == torch.bfloat16 and linear._packed_weight[1].dtype == torch.bfloat16
     torch.testing.assert_close(packed, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n, m, heads", [(300, 300, 2), (64, 1030, 3), (1100, 260, 1)])
+def test_blocked_attention_equals_attention(n, m, heads):
+    """Blocks of queries, one head at a time: the flash kernel's result up to float rounding (fp32 here, exactly
+    the math of bf16)."""
+    from ldm.modules.attention import attention
+    from ldm.runtime.fast_paths import blocked_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, heads, n, 24), torch.randn(2, heads, m, 24), torch.randn(2, heads, m, 24)
+    scale = 24**-0.5
+    torch.testing.assert_close(
+        blocked_attention(q, k, v, scale), attention(q, k, v, scale=scale), rtol=0, atol=2e-5
+    )
+
+
+@needs_onednn_bf16
+def test_blocked_attention_layer_takes_bf16_self_attention_only():
+    from ldm.modules.attention import CrossAttention
+    from ldm.runtime.fast_paths import BlockedAttention, use_blocked_attention
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList(
+        [CrossAttention(64, heads=4, dim_head=16), CrossAttention(64, 32, heads=4, dim_head=16)]
+    )
+    x, context = torch.randn(2, 300, 64), torch.randn(2, 77, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_self, plain_cross = layers[0](x), layers[1](x, context)
+        assert use_blocked_attention(layers) == 2 and type(layers[0]) is BlockedAttention
+        calls = []
+        original = BlockedAttention.attend
+
+        def spy(self, q, k, v, mask):
+            calls.append(q.dtype == torch.bfloat16 and k.shape[-2] >= 256)
+            return original(self, q, k, v, mask)
+
+        BlockedAttention.attend = spy
+        try:
+            blocked_self, blocked_cross = layers[0](x), layers[1](x, context)
+        finally:
+            BlockedAttention.attend = original
+    assert calls == [
+        True,
+        False,
+    ]  # self-attention over 300 keys: blocked; 77 context tokens: the flash kernel
+    torch.testing.assert_close(
+        blocked_self.float(), plain_self.float(), rtol=0.02, atol=0.02
+    )  # bf16 rounding
+    assert blocked_cross.equal(plain_cross)
+    assert list(layers[0].state_dict()) == list(CrossAttention(64, heads=4, dim_head=16).state_dict())

@@ -90,8 +90,15 @@ class CrossAttention(nn.Module):
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         if mask is not None:
             mask = mask.reshape(b, 1, 1, -1)
-        out = attention(q, k, v, self.chunk, mask=mask, scale=self.scale)
+        out = self.attend(q, k, v, mask)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The attention itself, q [B, H, N, d] over k, v [B, H, M, d] -> [B, H, N, d] (`attention`); the runtime
+        may install a faster kernel for its machine (ldm.runtime.fast_paths)."""
+        return attention(q, k, v, self.chunk, mask=mask, scale=self.scale)
 
 
 class BasicTransformerBlock(nn.Module):

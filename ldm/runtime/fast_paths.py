@@ -9,6 +9,8 @@
   oneDNN reorders the whole weight at every call, which costs more than the product itself when few tokens pass
   through the UNet's low levels), and fp32 on AVX512 CPUs, where oneDNN's fp32 products beat MKL's (on AMD, MKL
   runs its AVX2 code).
+- `BlockedAttention`: on CPUs with bf16 units, bf16 self-attention as matrix products over blocks of queries,
+  one head at a time, instead of torch's flash kernel.
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
 from ldm.runtime.bf16 import cpu_has_fast_bf16, cpu_has_native_bf16
 from ldm.runtime.memory import release_tensor_pages
@@ -184,6 +187,50 @@ def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None 
     return switched
 
 
+BLOCK_QUERIES = 512
+BLOCKED_MIN_KEYS = 256  # shorter key sequences (the cross-attention's 77 tokens) keep the flash kernel
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v, q [B, H, N, d] over k, v [B, H, M, d] -> [B, H, N, d], as matrix products one
+    head and BLOCK_QUERIES queries at a time (each block's scores stay in cache). In bf16 on CPUs with bf16 units
+    this is faster than torch's flash kernel, which widens its products to fp32 there (BENCHMARKS.md)."""
+    b, h, n, d = q.shape
+    q = q.reshape(b * h, n, d)
+    keys = (k.reshape(b * h, -1, d) * scale).transpose(1, 2)  # [BH, d, M]
+    v = v.reshape(b * h, -1, d)
+    out = torch.empty_like(q)
+    for head in range(b * h):
+        for start in range(0, n, BLOCK_QUERIES):
+            rows = slice(start, start + BLOCK_QUERIES)
+            scores = torch.mm(q[head, rows], keys[head])  # [block, M]
+            torch.mm(torch.softmax(scores, dim=-1), v[head], out=out[head, rows])
+    return out.view(b, h, n, d)
+
+
+class BlockedAttention(CrossAttention):
+    """CrossAttention (same parameters and state_dict) whose unmasked bf16 attention over at least
+    BLOCKED_MIN_KEYS keys on the CPU runs as `blocked_attention`; anything else as CrossAttention does."""
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        blocked = q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] >= BLOCKED_MIN_KEYS
+        if not blocked or mask is not None or self.chunk is not None:
+            return super().attend(q, k, v, mask)
+        return blocked_attention(q, k, v, self.scale)
+
+
+def use_blocked_attention(module: nn.Module) -> int:
+    """Make every CrossAttention of `module` a `BlockedAttention` (in place). Returns how many were switched."""
+    switched = 0
+    for layer in module.modules():
+        if type(layer) is CrossAttention:
+            layer.__class__ = BlockedAttention
+            switched += 1
+    return switched
+
+
 @contextmanager
 def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
     """Around a conversion of `module` to bf16 (`low_precision`): its `PackedLinear`s that pack in bf16 keep
@@ -205,10 +252,13 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
 
 def apply_cpu_fast_paths(model: nn.Module) -> None:
     """The CPU fast paths on a LatentDiffusion: matmul convolutions in the UNet, prepacked weights there in the
-    dtypes `packed_dtypes` names, channels_last in the VAE decoder's large levels."""
+    dtypes `packed_dtypes` names and blocked bf16 attention on CPUs with bf16 units, channels_last in the VAE
+    decoder's large levels."""
     use_matmul_convolutions(model.model.diffusion_model)
     if packed_dtypes():
         use_packed_linears(model.model.diffusion_model)
+    if cpu_has_native_bf16():
+        use_blocked_attention(model.model.diffusion_model)
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):
         use_channels_last_decoder(decoder)
