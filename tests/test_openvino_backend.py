@@ -25,6 +25,7 @@ from ldm.runtime.openvino import (  # noqa: E402
     compile_config,
     convert,
     decoder_inputs,
+    prune_cache,
     use_openvino,
 )
 
@@ -347,3 +348,28 @@ def test_a_tiled_vae_decodes_in_torch_and_the_server_passes_the_flag(tiny_ldm):
     from ldm.server.launch import build_parser, model_flags
 
     assert model_flags(build_parser().parse_args(["--backend", "openvino"])) == ["--backend", "openvino"]
+
+
+def test_the_cache_keeps_its_size_by_dropping_the_least_recently_used(tmp_path):
+    """Models and compiled blobs beyond the limit go, oldest use first; the model in use never does."""
+    import os
+
+    def entry(path: Path, size: int, used: float) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\0" * size)
+        os.utime(path, (used, used))
+        if path.name == "model.xml":
+            os.utime(path.parent, (used, used))
+        return path.parent if path.name == "model.xml" else path
+
+    old_unet = entry(tmp_path / "unet-a" / "model.xml", 400, 1000)
+    old_blob = entry(tmp_path / "compiled" / "1.blob", 300, 1001)
+    current = entry(tmp_path / "unet-b" / "model.xml", 500, 999)  # in use, though its time is older
+    recent = entry(tmp_path / "decoder-c" / "model.xml", 100, 2000)
+    converting = entry(
+        tmp_path / ".unet-d.123-abc.tmp" / "model.xml", 5000, 0
+    )  # another process's, unfinished
+    assert prune_cache(tmp_path, 10_000, keep=current) == []
+    assert prune_cache(tmp_path, 700, keep=current) == [old_unet, old_blob]
+    assert current.is_dir() and recent.is_dir() and not old_unet.exists() and not old_blob.exists()
+    assert prune_cache(tmp_path, 0, keep=current) == [recent] and current.is_dir() and converting.is_dir()

@@ -28,6 +28,9 @@ from torch import nn
 from ldm.files import remove_stale_temporaries, temporary_path
 
 FORMAT = 1  # of what is cached: part of every key
+CACHE_LIMIT_BYTES = (
+    20 * 2**30
+)  # the cache keeps at most this much: a full-size UNet is ~3.3 GB, its blob ~3.4 GB
 Weights = Callable[[str], dict]  # "unet" | "decoder" -> what that module's weights are now (JSON-able)
 
 
@@ -156,7 +159,37 @@ class OpenVINORunner:
             convert(self.module, inputs, folder)
             print(f"OpenVINO: converted the {self.role} in {time.perf_counter() - start:.1f} s into {folder}")
         config = {**compile_config(self.precision), "CACHE_DIR": str(root / "compiled")}
-        return ov.Core().compile_model(str(folder / "model.xml"), "CPU", config).create_infer_request()
+        request = ov.Core().compile_model(str(folder / "model.xml"), "CPU", config).create_infer_request()
+        os.utime(folder)  # used now: the last to go (`prune_cache`)
+        prune_cache(root, CACHE_LIMIT_BYTES, keep=folder)
+        return request
+
+
+def prune_cache(root: Path, limit: int, keep: Path) -> list[Path]:
+    """Remove the least recently used converted models (folders under `root`) and compiled blobs
+    (`root/compiled/*`) until the cache holds at most `limit` bytes, never `keep`. A removed model is converted
+    again when next needed. Returns what was removed."""
+    entries = []
+    for path in [*root.glob("*/model.xml"), *(root / "compiled").glob("*")]:
+        entry = path.parent if path.name == "model.xml" else path
+        if entry.name.startswith("."):  # another process's conversion in progress
+            continue
+        files = [entry] if entry.is_file() else [f for f in entry.rglob("*") if f.is_file()]
+        entries.append((entry.stat().st_mtime, sum(f.stat().st_size for f in files), entry))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, entry in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if entry == keep:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        total -= size
+        removed.append(entry)
+    return removed
 
 
 def unet_inputs(
