@@ -91,3 +91,23 @@ def test_prepare_sets_the_default_threads_and_prints_the_hint(tiny_ldm, monkeypa
         assert torch.get_num_threads() == 1 and capsys.readouterr().out == ""
     finally:
         torch.set_num_threads(before)
+
+
+def test_compiled_unet_runs_without_the_packed_fast_paths(tiny_ldm):
+    """--compile: inductor cannot lower the prepacked products (`weight must be a graph constant`), so a UNet to
+    be compiled keeps plain layers (whatever the precision); the compiled UNet gives the eager one's eps."""
+    import copy
+
+    from ldm.runtime import RuntimeOptions, prepare
+    from ldm.runtime.fast_paths import BlockedAttention, MatmulConv2d, PackedLinear
+
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
+    eager = copy.deepcopy(tiny_ldm)
+    cpu = torch.device("cpu")
+    prepare(eager, cpu, "full", RuntimeOptions(threads=1))
+    prepare(tiny_ldm, cpu, "full", RuntimeOptions(threads=1, compile=True))
+    fast = (PackedLinear, MatmulConv2d, BlockedAttention)
+    assert not any(isinstance(m, fast) for m in tiny_ldm.model.diffusion_model.modules())
+    with torch.inference_mode():
+        expected, compiled = eager.apply_model(x, t, c), tiny_ldm.apply_model(x, t, c)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-4)

@@ -138,7 +138,7 @@ def prepare(
     dtype = autocast_dtype(precision, device)
     fast_paths = device.type == "cpu" and not openvino
     if fast_paths:
-        apply_cpu_fast_paths(model)  # (it changes only the UNet and the decoder)
+        apply_cpu_fast_paths(model, unet=not options.compile)  # (it changes only the UNet and the decoder)
     if dtype is not None and not openvino:
         with fp32_sources_kept(model.model.diffusion_model) if fast_paths else contextlib.nullcontext():
             low_precision(model, dtype)

@@ -250,15 +250,17 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
             layer.bias.data = bias
 
 
-def apply_cpu_fast_paths(model: nn.Module) -> None:
-    """The CPU fast paths on a LatentDiffusion: matmul convolutions in the UNet, prepacked weights there in the
-    dtypes `packed_dtypes` names and blocked bf16 attention on CPUs with bf16 units, channels_last in the VAE
-    decoder's large levels."""
-    use_matmul_convolutions(model.model.diffusion_model)
-    if packed_dtypes():
-        use_packed_linears(model.model.diffusion_model)
-    if cpu_has_native_bf16():
-        use_blocked_attention(model.model.diffusion_model)
+def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
+    """The CPU fast paths on a LatentDiffusion: with `unet`, matmul convolutions in the UNet, prepacked weights
+    there in the dtypes `packed_dtypes` names and blocked bf16 attention on CPUs with bf16 units (a UNet that
+    torch.compile will compile gets none: inductor makes its own kernels, and cannot lower the packed products);
+    channels_last in the VAE decoder's large levels."""
+    if unet:
+        use_matmul_convolutions(model.model.diffusion_model)
+        if packed_dtypes():
+            use_packed_linears(model.model.diffusion_model)
+        if cpu_has_native_bf16():
+            use_blocked_attention(model.model.diffusion_model)
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):
         use_channels_last_decoder(decoder)
