@@ -8,7 +8,8 @@
   blocked layout, in the dtypes `packed_dtypes` names for this CPU: bf16 where it has bf16 units (otherwise
   oneDNN reorders the whole weight at every call, which costs more than the product itself when few tokens pass
   through the UNet's low levels), and fp32 on AVX512 CPUs, where oneDNN's fp32 products beat MKL's (on AMD, MKL
-  runs its AVX2 code).
+  runs its AVX2 code). In a bf16 run they keep their fp32 weights and pack them in bf16 (`fp32_sources_kept`);
+  the plain weights' checkpoint pages go back to the OS once packed (`release_packed_sources`).
 - `BlockedAttention`: on CPUs with bf16 units, bf16 self-attention as matrix products over blocks of queries,
   one head at a time, instead of torch's flash kernel.
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
@@ -33,7 +34,7 @@ def packed_dtypes() -> frozenset[torch.dtype]:
     dtypes = set()
     if cpu_has_native_bf16():
         dtypes.add(torch.bfloat16)
-    if cpu_has_fast_bf16() and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16"):
+    if cpu_has_fast_bf16() and torch.backends.cpu.get_cpu_capability() == "AVX512":
         dtypes.add(torch.float32)
     return frozenset(dtypes)
 
