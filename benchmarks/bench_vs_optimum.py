@@ -86,7 +86,6 @@ def export(opt: argparse.Namespace) -> tuple[Path, Path]:
     optimum-intel's exporter in its venv), each made once in --workdir."""
     ckpt = opt.workdir / "model.safetensors"
     diffusers_dir, ov_dir = opt.workdir / "diffusers", opt.workdir / "openvino-ir"
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_vs_diffusers import diffusers_pipeline, load_diffusers, prepare
 
     prepare(opt.workdir)
@@ -136,7 +135,6 @@ def measure(opt: argparse.Namespace) -> dict:
 
 
 def report(opt: argparse.Namespace, results: dict) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_vs_diffusers import cpu_flags
 
     def med(impl: str, key: str) -> float:

@@ -19,9 +19,8 @@ UPSCALERS: dict[str, tuple[str, str | None, bool]] = {
     "lanczos": ("Lanczos", None, False),
     "nearest": ("Nearest", None, False),
 }
-TILED_VAE_FROM = (
-    1024  # on the CPU the VAE may run tiled from this many pixels on a side (`decide_vae_tiling`)
-)
+# on the CPU the VAE may run tiled from this many pixels on a side (`decide_vae_tiling`)
+TILED_VAE_FROM = 1024
 SIDES = ("left", "right", "top", "bottom")
 SECOND_PASS_FLAGS = (
     "hr_upscaler",
@@ -171,8 +170,10 @@ def decide_vae_tiling(opt: Any, height: int, width: int) -> None:
     on_cpu = opt.device == "cpu" or (
         opt.device == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
     )
+    if not on_cpu:
+        return
     weights = file_bytes(resolve_path(opt.ckpt))
-    if not on_cpu or untiled_decode_fits(height * width, opt.n_samples, weights, opt.memory_limit):
+    if untiled_decode_fits(height * width, opt.n_samples, weights, opt.memory_limit):
         return
     opt.vae_tiling = True
     print(

@@ -49,11 +49,16 @@ def available_bytes(device_type: str) -> int | None:
     return None
 
 
+def memory_limit(device_type: str, limit_gib: float | None = None) -> int | None:
+    """Bytes a run may use: `limit_gib` when given (--memory-limit), else what the device has free."""
+    return int(limit_gib * GIB) if limit_gib is not None else available_bytes(device_type)
+
+
 def untiled_decode_fits(pixels: int, batch: int, weights: int, limit_gib: float | None = None) -> bool:
     """Whether decoding `batch` images of `pixels` pixels untiled on the CPU fits beside the weights in the
     machine's free memory (or `limit_gib`), by the measured figure rather than the low estimate; True when
     the free memory is unknown."""
-    limit = int(limit_gib * GIB) if limit_gib is not None else available_bytes("cpu")
+    limit = memory_limit("cpu", limit_gib)
     return limit is None or weights + DECODE_BYTES_PER_PIXEL * pixels * batch <= limit
 
 
@@ -71,7 +76,7 @@ def check_fits(
     naming the option that would make it fit."""
     from ldm.errors import UserError
 
-    limit = int(limit_gib * GIB) if limit_gib is not None else available_bytes(device_type)
+    limit = memory_limit(device_type, limit_gib)
     if limit is None:
         return
     need = estimate(height, width, batch, guided, tiled, weights)
