@@ -230,6 +230,11 @@ def test_group_norm_runs_in_fp32():
     out = norm(x.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    # bf16 on the CPU: torch's mixed-dtype kernel, the fp32 computation rounded once (up to its sums' order)
+    via_fp32 = torch.nn.functional.group_norm(x.bfloat16().float(), 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(out, via_fp32.bfloat16(), rtol=2**-7, atol=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x.bfloat16()).equal(out)
     norm.bfloat16()  # weights in low precision too (a model cast with .to(bfloat16))
     assert norm(x.bfloat16()).dtype == torch.bfloat16
 
