@@ -15,6 +15,7 @@ from ldm.runtime import precision_scope
 from ldm.runtime.bf16 import cpu_has_fast_bf16
 from ldm.runtime.fast_paths import (
     MatmulConv2d,
+    PackedGEGLU,
     PackedLinear,
     apply_cpu_fast_paths,
     fp32_sources_kept,
@@ -178,12 +179,15 @@ def test_packed_dtypes_follow_the_cpu(monkeypatch):
 
 
 @needs_onednn_bf16
-def test_bf16_unet_with_packed_weights_gives_the_plain_bf16_eps(tiny_ldm):
+def test_bf16_unet_with_packed_weights_matches_the_plain_bf16_eps(tiny_ldm):
     """Packed layers keep their fp32 weights through the bf16 conversion (`fp32_sources_kept`) and pack them in
-    bf16 under autocast: the eps of the plain bf16 UNet, and no bf16 copy of those weights."""
+    bf16 under autocast: the plain bf16 UNet's eps (up to the GEGLUs, whose GELU and gating now act on fp32 sums),
+    as close to the fp32 eps, and no bf16 copy of those weights."""
     x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32)
     randomize_(tiny_ldm.model.diffusion_model, std=0.05)
     fast = copy.deepcopy(tiny_ldm)
+    with torch.inference_mode():
+        exact = tiny_ldm.apply_model(x, t, c)
     low_precision(tiny_ldm, torch.bfloat16)
     unet = fast.model.diffusion_model
     assert use_packed_linears(unet, {torch.bfloat16}) > 10
@@ -195,9 +199,12 @@ def test_bf16_unet_with_packed_weights_gives_the_plain_bf16_eps(tiny_ldm):
     with torch.inference_mode(), precision_scope("autocast", torch.device("cpu")):
         plain = tiny_ldm.apply_model(x, t, c).float()
         packed = fast.apply_model(x, t, c).float()
-    assert plain.abs().max() > 0.1
-    torch.testing.assert_close(packed, plain, rtol=0, atol=1e-6)
+    plain_error, packed_error = (plain - exact).abs().max(), (packed - exact).abs().max()
+    assert exact.abs().max() > 0.1 and 0 < packed_error <= 1.1 * plain_error, (packed_error, plain_error)
+    torch.testing.assert_close(packed, plain, rtol=0, atol=2 * plain_error.item())
     assert all(m._packed_weight[1].dtype == torch.bfloat16 for m in linears if hasattr(m, "_packed_weight"))
+    geglus = [m for m in unet.modules() if isinstance(m, PackedGEGLU)]
+    assert geglus and all(m._packed_gate[1].dtype == torch.bfloat16 for m in geglus)
 
 
 @needs_onednn_bf16
@@ -212,16 +219,48 @@ def test_fp32_linear_packed_in_bf16_under_autocast_equals_autocasts_linear():
     torch.testing.assert_close(packed, plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("n, m, heads", [(300, 300, 2), (64, 1030, 3), (1100, 260, 1)])
-def test_blocked_attention_equals_attention(n, m, heads):
-    """Blocks of queries, one head at a time: the flash kernel's result up to float rounding (fp32 here, exactly
-    the math of bf16)."""
+@needs_onednn_bf16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_geglu_equals_geglu(dtype):
+    """Two packed products with GELU and the gating fused as post-ops: GEGLU's output (fp32: up to the order of
+    sums; bf16: at least as close to the fp32 result as the plain bf16 layer), repacked when the weight changes,
+    and GEGLU's own path under autograd."""
+    from ldm.modules.attention import GEGLU
+
+    torch.manual_seed(0)
+    geglu, x = GEGLU(64, 96), torch.randn(2, 37, 64)
+    with torch.no_grad():
+        exact = geglu(x)
+        plain = copy.deepcopy(geglu).to(dtype)(x.to(dtype)).float()
+        use_packed_linears(geglu.to(dtype), {dtype})
+        packed = geglu(x.to(dtype)).float()
+        geglu.proj.weight.mul_(2)
+        doubled = geglu(x.to(dtype)).float()
+    assert type(geglu) is PackedGEGLU and hasattr(geglu, "_packed_gate")  # the packed path ran
+    if dtype == torch.float32:
+        torch.testing.assert_close(packed, exact, rtol=0, atol=1e-5)
+    else:
+        assert (packed - exact).abs().max() <= (plain - exact).abs().max()
+    with torch.no_grad():
+        expected = GEGLU(64, 96).to(dtype)
+        expected.load_state_dict(geglu.state_dict())
+        tolerance = 1e-5 if dtype == torch.float32 else 0.02  # bf16: a few units in the last place
+        torch.testing.assert_close(doubled, expected(x.to(dtype)).float(), rtol=tolerance, atol=tolerance)
+    x.requires_grad_()
+    geglu.float()(x).sum().backward()  # autograd: GEGLU's own path
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("n, m, heads, d", [(300, 300, 2, 24), (64, 1030, 3, 40), (1100, 260, 1, 32)])
+def test_blocked_attention_equals_attention(n, m, heads, d):
+    """Blocks of queries, one head at a time, values padded to 16 columns (24 and 40 wide) or not (32): the flash
+    kernel's result up to float rounding (fp32 here, exactly the math of bf16)."""
     from ldm.modules.attention import attention
     from ldm.runtime.fast_paths import blocked_attention
 
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, heads, n, 24), torch.randn(2, heads, m, 24), torch.randn(2, heads, m, 24)
-    scale = 24**-0.5
+    q, k, v = torch.randn(2, heads, n, d), torch.randn(2, heads, m, d), torch.randn(2, heads, m, d)
+    scale = d**-0.5
     torch.testing.assert_close(
         blocked_attention(q, k, v, scale), attention(q, k, v, scale=scale), rtol=0, atol=2e-5
     )
