@@ -17,11 +17,13 @@ from ldm.runtime.fast_paths import (
     MatmulConv2d,
     PackedGEGLU,
     PackedLinear,
+    WinogradConv2d,
     apply_cpu_fast_paths,
     fp32_sources_kept,
     use_channels_last_decoder,
     use_matmul_convolutions,
     use_packed_linears,
+    use_winograd_convolutions,
 )
 from ldm.runtime.memory import low_precision
 
@@ -82,6 +84,67 @@ def test_use_matmul_convolutions_switches_only_wide_3x3_layers_and_keeps_the_num
         assert type(net[0]) is MatmulConv2d and type(net[1]) is torch.nn.Conv2d
         assert net[0]._as_matmul(x)
         torch.testing.assert_close(net(x), plain, rtol=0, atol=1e-4)
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize(
+    "dtype, size, bias",
+    [(torch.float32, (16, 16), True), (torch.float32, (9, 14), False), (torch.bfloat16, (12, 12), True)],
+)
+def test_winograd_conv_equals_torch_conv(dtype, size, bias):
+    """F(2x2, 3x3) over packed products (odd sides padded and cropped): torch's convolution, with an error against
+    fp64 of the same order as torch's own (its transforms add and subtract); the plain path under autograd and
+    without packed dtypes; a changed weight is transformed again."""
+    torch.manual_seed(0)
+    conv = WinogradConv2d(640, 48, 3, padding=1, bias=bias).to(dtype)
+    reference = nn.Conv2d(640, 48, 3, padding=1, bias=bias).to(dtype)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 640, *size).to(dtype)
+    with torch.no_grad():
+        exact = F.conv2d(
+            x.double(), conv.weight.double(), None if not bias else conv.bias.double(), padding=1
+        )
+        plain = conv(x)  # no packed dtypes yet: torch's path
+        conv.packed_dtypes = frozenset({dtype})
+        assert conv._as_winograd(x)
+        fast = conv(x)
+        assert hasattr(conv, "_winograd_packed")  # the Winograd path ran
+        conv.weight.mul_(2)
+        doubled = conv(x)
+    assert fast.shape == plain.shape == exact.shape and fast.is_contiguous() and fast.dtype == dtype
+    torch.testing.assert_close(plain, reference(x), rtol=0, atol=0)
+    plain_error, fast_error = (plain.double() - exact).abs().max(), (fast.double() - exact).abs().max()
+    factor = (
+        4 if dtype == torch.float32 else 2.5
+    )  # measured: 2.6x (fp32: ~2e-6 of outputs ~1) and 1.7x (bf16)
+    assert fast_error <= factor * plain_error, (fast_error, plain_error)
+    with torch.no_grad():
+        twice = F.conv2d(
+            x.double(), conv.weight.double(), None if not bias else conv.bias.double(), padding=1
+        )
+    assert (
+        doubled.double() - twice
+    ).abs().max() <= 2 * factor * plain_error  # twice the weight, twice the output
+    x.requires_grad_()
+    conv(x.float() if dtype == torch.float32 else x).sum().backward()  # autograd: torch's path
+    assert x.grad is not None
+
+
+def test_winograd_takes_only_wide_3x3_layers_on_small_maps():
+    net = nn.Sequential(
+        nn.Conv2d(640, 8, 3, padding=1),
+        nn.Conv2d(320, 8, 3, padding=1),  # narrow
+        nn.Conv2d(1280, 8, 1),  # 1x1
+        nn.Conv2d(1280, 8, 3, stride=2, padding=1),  # a downsampling: stays nn.Conv2d (bf16 with the rest)
+    )
+    assert use_matmul_convolutions(net) == 0
+    assert use_winograd_convolutions(net) == 1 and type(net[0]) is WinogradConv2d
+    conv = net[0]
+    assert conv._as_winograd(torch.empty(2, 640, 32, 32)) and conv._as_winograd(torch.empty(1, 640, 8, 8))
+    assert not conv._as_winograd(torch.empty(2, 640, 64, 64))  # large maps: oneDNN's convolution is faster
+    wide = WinogradConv2d(1280, 8, 3, padding=1)
+    assert not wide._as_winograd(torch.empty(2, 1280, 8, 8))  # <= 64 pixels at 1024+ channels: one product
+    assert not WinogradConv2d(640, 8, 3, stride=2, padding=1)._as_winograd(torch.empty(2, 640, 16, 16))
 
 
 def test_decoder_top_levels_in_channels_last_equal_plain():

@@ -10,13 +10,15 @@
   through the UNet's low levels), and fp32 on AVX512 CPUs, where oneDNN's fp32 products beat MKL's (on AMD, MKL
   runs its AVX2 code). In a bf16 run they keep their fp32 weights and pack them in bf16 (`fp32_sources_kept`);
   the plain weights' checkpoint pages go back to the OS once packed (`release_packed_sources`).
+- `WinogradConv2d`: wide 3x3 convolutions on the UNet's 16x16 and 32x32 maps as Winograd's F(2x2, 3x3) over
+  packed products, 2.25x fewer multiplications.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
 - `BlockedAttention`: on CPUs with bf16 units, bf16 self-attention as matrix products over blocks of queries,
   one head at a time, instead of torch's flash kernel.
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -44,21 +46,31 @@ RELEASE_EVERY_BYTES = 256 * 2**20  # plain weights packed since the last release
 _packed_sources: list[torch.Tensor] = []  # plain weights packed whose pages are not handed back yet
 
 
+def _source_key(weight: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """What a packed copy of `weight` in `dtype` was made from: its storage and version (inference tensors cannot
+    change)."""
+    return weight.data_ptr(), 0 if weight.is_inference() else weight._version, dtype
+
+
+def _note_packed_source(weight: torch.Tensor) -> None:
+    """`weight` now has a packed copy: its pages go back to the OS with the next release, which comes every
+    RELEASE_EVERY_BYTES packed and after the forward (`release_packed_sources`)."""
+    _packed_sources.append(weight)
+    if sum(t.numel() * t.element_size() for t in _packed_sources) >= RELEASE_EVERY_BYTES:
+        release_packed_sources()
+
+
 def _packed(
     module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, slot: str = "_packed_weight"
 ) -> torch.Tensor:
-    """`weight` [out, in] in `dtype` in oneDNN's blocked layout, made once per weight and dtype (its storage and
-    version: inference tensors cannot change) and kept on `module` under `slot` (not in its state_dict). The
-    plain weight's pages go back to the OS every RELEASE_EVERY_BYTES packed and after the forward
-    (`release_packed_sources`)."""
-    key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version, dtype)
+    """`weight` [out, in] in `dtype` in oneDNN's blocked layout, made once per weight and dtype (`_source_key`)
+    and kept on `module` under `slot` (not in its state_dict)."""
+    key = _source_key(weight, dtype)
     cached = getattr(module, slot, None)
     if cached is None or cached[0] != key:
         cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)))
         setattr(module, slot, cached)
-        _packed_sources.append(weight)
-        if sum(t.numel() * t.element_size() for t in _packed_sources) >= RELEASE_EVERY_BYTES:
-            release_packed_sources()
+        _note_packed_source(weight)
     return cached[1]
 
 
@@ -129,6 +141,12 @@ class PackedGEGLU(GEGLU):
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, value, value_bias, "mul")
 
 
+def is_plain_3x3(conv: nn.Conv2d) -> bool:
+    """A 3x3 convolution with stride 1 and zero padding 1: what the matmul and Winograd paths compute."""
+    plain = conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+    return plain and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.padding_mode == "zeros"
+
+
 class MatmulConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) that on the CPU runs 3x3 convolutions with at least
     `MATMUL_MIN_CHANNELS` input channels on maps of at most `MATMUL_MAX_PIXELS` pixels as one matrix product for
@@ -141,9 +159,11 @@ class MatmulConv2d(nn.Conv2d):
     def _as_matmul(self, x: torch.Tensor) -> bool:
         if self.in_channels < self.MATMUL_MIN_CHANNELS or x.shape[-2] * x.shape[-1] > self.MATMUL_MAX_PIXELS:
             return False
-        plain = self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-        shape = self.kernel_size == (3, 3) and self.padding == (1, 1) and self.padding_mode == "zeros"
-        return plain and shape and x.ndim == 4 and x.device.type == "cpu"
+        return self._plain_3x3(x)
+
+    def _plain_3x3(self, x: torch.Tensor) -> bool:
+        """A 3x3 convolution with stride 1 and zero padding 1 (`is_plain_3x3`) of a CPU batch of maps."""
+        return is_plain_3x3(self) and x.ndim == 4 and x.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W] -> [B, C_out, H, W]."""
@@ -162,13 +182,126 @@ class MatmulConv2d(nn.Conv2d):
         return out.view(self.out_channels, b, h, w).transpose(0, 1).contiguous()
 
 
+# Winograd's F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): the 2x2
+# output tile of a 4x4 input tile d under a 3x3 kernel g is A^T [(G g G^T) * (B^T d B)] A.
+WINOGRAD_BT = torch.tensor([[1.0, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+WINOGRAD_G = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+WINOGRAD_AT = torch.tensor([[1.0, 1, 1, 0], [0, 1, -1, -1]])
+# transformed position (1, 1): every output of a tile sums it with weight +1, so the bias is added there once
+BIAS_POSITION = 5
+
+
+def winograd_weights(weight: torch.Tensor) -> torch.Tensor:
+    """Kernels [C_out, C_in, 3, 3] -> G g G^T at each of the 16 positions (4 * row + column): [16, C_out, C_in],
+    fp32."""
+    g = WINOGRAD_G.to(weight.device)
+    return torch.einsum("ij,ocjk,lk->iloc", g, weight.float(), g).reshape(16, *weight.shape[:2])
+
+
+def _winograd_input_rows(d: list[torch.Tensor], out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """B^T applied along one axis: the 4 rows of an input tile, d[0..3], -> d0 - d2, d1 + d2, d2 - d1, d1 - d3
+    (into out[0..3] when given; as strided slices, 2-3x faster than a product with kron(B^T, B^T))."""
+    out = [None] * 4 if out is None else list(out)
+    return [
+        torch.sub(d[0], d[2], out=out[0]),
+        torch.add(d[1], d[2], out=out[1]),
+        torch.sub(d[2], d[1], out=out[2]),
+        torch.sub(d[1], d[3], out=out[3]),
+    ]
+
+
+def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, zero padding 1) of x [B, C_in, H, W] as F(2x2, 3x3), where `products` maps
+    the transformed input tiles [16, tiles, C_in] to [16, tiles, C_out] (each position's tiles times its
+    transformed kernel, the bias added at BIAS_POSITION). Returns [B, C_out, H, W], contiguous."""
+    b, c, h, w = x.shape
+    th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 tiles down and across (an odd side gets one more zero row)
+    # [B, H+2, W+2, C_in] in fp32, so that the transformed tiles round once, in the end (as a product would)
+    padded = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1)
+    padded = padded.to(torch.float32, memory_format=torch.contiguous_format)
+    transformed = x.new_empty(16, b, th, tw, c)
+    rows = _winograd_input_rows(
+        [padded[:, j : j + 2 * th : 2] for j in range(4)]
+    )  # B^T d: [B, th, W+2, C_in]
+    for i, row in enumerate(rows):  # (B^T d) B, into position 4 i + column
+        _winograd_input_rows(
+            [row[:, :, j : j + 2 * tw : 2] for j in range(4)], out=transformed[4 * i : 4 * i + 4]
+        )
+    m = products(transformed.view(16, b * th * tw, c))  # [16, tiles, C_out]
+    y = (torch.kron(WINOGRAD_AT, WINOGRAD_AT).to(x) @ m.view(16, -1)).view(2, 2, b, th, tw, -1)
+    out = y.permute(2, 5, 3, 0, 4, 1).reshape(b, -1, 2 * th, 2 * tw)  # [B, C_out, H (+1), W (+1)]
+    return out if (h, w) == out.shape[-2:] else out[..., :h, :w].contiguous()
+
+
+class WinogradConv2d(MatmulConv2d):
+    """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions with at least
+    `WINOGRAD_MIN_CHANNELS` input channels on maps of at most `WINOGRAD_MAX_PIXELS` pixels (those MatmulConv2d
+    does not take) as Winograd's F(2x2, 3x3) (`winograd_conv3x3`): 16 packed products over 2x2 output tiles in
+    place of 9 taps a pixel, 2.25x fewer multiplications, for inference on the CPU in `packed_dtypes`. Other
+    inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
+
+    WINOGRAD_MIN_CHANNELS = 640
+    WINOGRAD_MAX_PIXELS = 32 * 32
+
+    def _as_winograd(self, x: torch.Tensor) -> bool:
+        if (
+            self.in_channels < self.WINOGRAD_MIN_CHANNELS
+            or x.shape[-2] * x.shape[-1] > self.WINOGRAD_MAX_PIXELS
+        ):
+            return False
+        return self._plain_3x3(x) and not self._as_matmul(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C_in, H, W] -> [B, C_out, H, W]."""
+        dtype = _product_dtype(self, self.weight, x) if self._as_winograd(x) else None
+        if dtype is None:
+            return super().forward(x)
+        kernels = self._winograd_kernels(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+
+        def products(tiles: torch.Tensor) -> torch.Tensor:
+            return torch.stack([
+                torch.ops.mkldnn._linear_pointwise(
+                    tiles[k], kernels[k], bias if k == BIAS_POSITION else None, "none", [], ""
+                )
+                for k in range(16)
+            ])  # fmt: skip
+
+        return winograd_conv3x3(x.to(dtype), products)
+
+    def _winograd_kernels(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The 16 transformed kernels [C_out, C_in] in `dtype`, packed for oneDNN, made once per weight."""
+        key = _source_key(self.weight, dtype)
+        cached = getattr(self, "_winograd_packed", None)
+        if cached is None or cached[0] != key:
+            transformed = winograd_weights(self.weight.detach()).to(dtype)
+            cached = (key, [torch.ops.mkldnn._reorder_linear_weight(k) for k in transformed])
+            self._winograd_packed = cached
+            _note_packed_source(self.weight)
+        return cached[1]
+
+
 def use_matmul_convolutions(module: nn.Module) -> int:
-    """Make every 3x3 nn.Conv2d of `module` wide enough for the matmul path a `MatmulConv2d` (in place: the
-    same parameters). Returns how many were switched."""
+    """Make every plain 3x3 nn.Conv2d (`is_plain_3x3`) of `module` wide enough for the matmul path a
+    `MatmulConv2d` (in place: the same parameters). Returns how many were switched."""
     switched = 0
     for conv in module.modules():
-        if type(conv) is nn.Conv2d and conv.in_channels >= MatmulConv2d.MATMUL_MIN_CHANNELS:
+        wide = getattr(conv, "in_channels", 0) >= MatmulConv2d.MATMUL_MIN_CHANNELS
+        if type(conv) is nn.Conv2d and wide and is_plain_3x3(conv):
             conv.__class__ = MatmulConv2d
+            switched += 1
+    return switched
+
+
+def use_winograd_convolutions(module: nn.Module) -> int:
+    """Make every plain 3x3 nn.Conv2d or MatmulConv2d (`is_plain_3x3`) of `module` wide enough for the Winograd
+    path a `WinogradConv2d` (in place: the same parameters); it runs once `use_packed_linears` names the dtypes
+    to pack. Returns how many were switched."""
+    switched = 0
+    for conv in module.modules():
+        wide = getattr(conv, "in_channels", 0) >= WinogradConv2d.WINOGRAD_MIN_CHANNELS
+        if type(conv) in (nn.Conv2d, MatmulConv2d) and wide and is_plain_3x3(conv):
+            conv.__class__ = WinogradConv2d
             switched += 1
     return switched
 
@@ -266,13 +399,15 @@ def use_blocked_attention(module: nn.Module) -> int:
 
 @contextmanager
 def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
-    """Around a conversion of `module` to bf16 (`low_precision`): its `PackedLinear`s that pack in bf16 keep
-    their fp32 weight and bias, from which they pack under autocast (`_product_dtype`): the same bf16 products,
-    without a bf16 copy beside the packed one, and memory-mapped fp32 weights go back to the OS once packed."""
+    """Around a conversion of `module` to bf16 (`low_precision`): its `PackedLinear`s and `MatmulConv2d`s (and so
+    `WinogradConv2d`s) that pack in bf16 keep their fp32 weight and bias, from which they pack under autocast
+    (`_product_dtype`): the same bf16 products (Winograd's kernels transformed from the fp32 weights), without a
+    bf16 copy beside the packed one, and memory-mapped fp32 weights go back to the OS once packed. (Their plain
+    path, a convolution's on large maps, runs under autocast as well.)"""
     kept = [
         (layer, layer.weight.data, None if layer.bias is None else layer.bias.data)
         for layer in module.modules()
-        if isinstance(layer, PackedLinear)
+        if isinstance(layer, PackedLinear | MatmulConv2d)
         and torch.bfloat16 in layer.packed_dtypes
         and layer.weight.dtype == torch.float32
     ]
@@ -284,12 +419,13 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
 
 
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
-    """The CPU fast paths on a LatentDiffusion: with `unet`, matmul convolutions in the UNet, prepacked weights
-    there in the dtypes `packed_dtypes` names and blocked bf16 attention on CPUs with bf16 units (a UNet that
+    """The CPU fast paths on a LatentDiffusion: with `unet`, matmul and Winograd convolutions in the UNet,
+    prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16 attention on CPUs with bf16 units (a UNet that
     torch.compile will compile gets none: inductor makes its own kernels, and cannot lower the packed products);
     channels_last in the VAE decoder's large levels."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
+        use_winograd_convolutions(model.model.diffusion_model)
         if packed_dtypes():
             use_packed_linears(model.model.diffusion_model)
         if cpu_has_native_bf16():
