@@ -1,69 +1,96 @@
-"""What the CPU matrix-product path of `ldm.runtime.fast_paths.MatmulConv2d` gains over torch's own
-(oneDNN) convolution: each convolution shape of the SD v1 UNet's low-resolution levels, then the whole UNet step.
+"""What the CPU convolution paths of `ldm.runtime.fast_paths` gain over torch's own (oneDNN) convolution: the
+matrix product of `MatmulConv2d` (wide layers on <= 64-pixel maps) and Winograd's F(2x2, 3x3) of `WinogradConv2d`
+(>= 640 channels on <= 32x32 maps), for the SD v1 UNet's convolution shapes in fp32 and bf16 (errors against
+fp64), then the whole UNet step with each path switched off.
 
     python benchmarks/bench_conv.py [--workdir /tmp/sdbench] [--reps 3] [--threads N]
 
-The UNet step uses the random-weights checkpoint that bench_vs_diffusers.py saves; timings interleave the two paths.
+The paths run where `packed_dtypes()` packs (AVX512 for fp32, bf16 units for bf16); elsewhere a row says so. The
+UNet step uses the random-weights checkpoint that bench_vs_diffusers.py saves, prepared as the scripts prepare it
+(bf16: fp32 sources kept, autocast); timings interleave the variants.
 """
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_vs_diffusers import PROMPT, alternate, load_ours, machine, prepare  # noqa: E402
 
-from ldm.runtime.fast_paths import MatmulConv2d  # noqa: E402
+from ldm.runtime import precision_scope  # noqa: E402
+from ldm.runtime.fast_paths import (  # noqa: E402
+    MatmulConv2d,
+    WinogradConv2d,
+    fp32_sources_kept,
+    packed_dtypes,
+)
+from ldm.runtime.memory import low_precision  # noqa: E402
 
-# (input channels, output channels, feature map side): the UNet's 3x3 convolutions at 8x8 and 4x4 (256² images),
-# and some it leaves to torch: 16x16 (512² images) and narrower layers
-SHAPES = [(1280, 1280, 8), (2560, 1280, 8), (1280, 1280, 4), (1280, 1280, 16), (640, 640, 8), (128, 128, 8)]
+# (input channels, output channels, map side) of the UNet's 3x3 convolutions: 4x4 and 8x8 (matrix products at
+# 256²), 16x16 and 32x32 (Winograd), 64x64 (torch's, for comparison)
+SHAPES = [
+    (1280, 1280, 4), (2560, 1280, 8), (1280, 1280, 8), (640, 640, 16), (1920, 640, 16), (1280, 1280, 16),
+    (2560, 1280, 16), (640, 640, 32), (1920, 640, 32), (1280, 1280, 32), (640, 320, 64),
+]  # fmt: skip
 
 
-def conv_row(c_in: int, c_out: int, side: int, reps: int) -> str:
-    """One table row: a convolution of this shape through torch and through the matrix-product path."""
-    conv = MatmulConv2d(c_in, c_out, 3, padding=1)
-    conv.MATMUL_MAX_PIXELS, conv.MATMUL_MIN_CHANNELS = (
-        side * side,
-        1,
-    )  # the matrix-product path, whatever the shape
-    x = torch.randn(2, c_in, side, side)
-    times = alternate(
-        {"torch": lambda: torch.nn.MatmulConv2d.forward(conv, x), "matmul": lambda: conv(x)}, reps
-    )
+def conv_row(c_in: int, c_out: int, side: int, dtype: torch.dtype, reps: int) -> str:
+    """One table row: this convolution through torch and through the fast path that would take it."""
+    torch.manual_seed(0)
+    conv = WinogradConv2d(c_in, c_out, 3, padding=1).to(dtype)
+    conv.packed_dtypes = packed_dtypes()
+    x = torch.randn(2, c_in, side, side).to(dtype)
+    path = "matmul" if conv._as_matmul(x) else "winograd" if conv._as_winograd(x) else "torch"
+    label = f"| {str(dtype)[6:]} 3x3 {c_in}->{c_out} at {side}x{side} | {path}"
+    if path != "torch" and dtype not in conv.packed_dtypes:
+        return f"{label} | not packed on this CPU | | | | |"
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    plain = torch.nn.Conv2d.forward(conv, x)
+    fast = conv(x)
+    times = alternate({"torch": lambda: torch.nn.Conv2d.forward(conv, x), "fast": lambda: conv(x)}, reps)
     gflop = 2 * 2 * side * side * c_in * c_out * 9 / 1e9
-    diff = (conv(x) - torch.nn.MatmulConv2d.forward(conv, x)).abs().max().item()
+    errors = [(out.double() - exact).abs().max().item() for out in (plain, fast)]
     return (
-        f"| 3x3 {c_in}->{c_out} at {side}x{side} | {gflop:.2f} | "
-        f"{times['torch'] * 1e3:.0f} ms ({gflop / times['torch']:.0f} GFLOP/s) | "
-        f"{times['matmul'] * 1e3:.0f} ms ({gflop / times['matmul']:.0f} GFLOP/s) | "
-        f"{times['matmul'] / times['torch']:.2f} | {diff:.1e} |"
+        f"{label} | {times['torch'] * 1e3:.1f} ms ({gflop / times['torch']:.0f} GFLOP/s) | "
+        f"{times['fast'] * 1e3:.1f} ms | {times['fast'] / times['torch']:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |"
     )
 
 
-def unet_row(model, size: int, reps: int) -> str:
-    """One table row: the UNet step at `size`² with torch's convolutions only, and with the matrix-product path."""
+def unet_rows(model, size: int, reps: int) -> list[str]:
+    """Table rows: the UNet step at `size`² in fp32 and bf16 with all paths, without Winograd, without both."""
     c = model.get_learned_conditioning(["", PROMPT])
     t = torch.full((2,), 500, dtype=torch.long)
     x = torch.randn(2, 4, size // 8, size // 8)
-    as_matmul = MatmulConv2d._as_matmul
+    bf16 = copy.deepcopy(model)
+    with fp32_sources_kept(bf16.model.diffusion_model):
+        low_precision(bf16, torch.bfloat16)
+    as_matmul, as_winograd = MatmulConv2d._as_matmul, WinogradConv2d._as_winograd
+    rows = []
+    for name, unet in (("fp32", model), ("bf16", bf16)):
+        if name == "bf16" and torch.bfloat16 not in packed_dtypes():
+            continue
 
-    def step(matmul: bool) -> torch.Tensor:
-        MatmulConv2d._as_matmul = as_matmul if matmul else lambda self, x: False
-        try:
-            return model.apply_model(x, t, c)
-        finally:
-            MatmulConv2d._as_matmul = as_matmul
+        def step(variant: str, unet=unet, name=name) -> torch.Tensor:
+            MatmulConv2d._as_matmul = as_matmul if variant != "torch" else lambda self, x: False
+            WinogradConv2d._as_winograd = as_winograd if variant == "all" else lambda self, x: False
+            try:
+                with precision_scope("autocast" if name == "bf16" else "full", torch.device("cpu")):
+                    return unet.apply_model(x, t, c).float()
+            finally:
+                MatmulConv2d._as_matmul, WinogradConv2d._as_winograd = as_matmul, as_winograd
 
-    times = alternate({"torch": lambda: step(False), "matmul": lambda: step(True)}, reps)
-    diff = (step(True) - step(False)).abs().max().item()
-    return (
-        f"| {size}² | {times['torch']:.2f} s | {times['matmul']:.2f} s | "
-        f"{times['matmul'] / times['torch']:.2f} | {diff:.1e} |"
-    )
+        times = alternate({v: lambda v=v: step(v) for v in ("all", "matmul", "torch")}, reps)
+        diff = (step("all") - step("matmul")).abs().max().item()
+        rows.append(
+            f"| {size}², {name} | {times['torch']:.2f} s | {times['matmul']:.2f} s | {times['all']:.2f} s | "
+            f"{times['all'] / times['matmul']:.2f} | {diff:.1e} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -75,20 +102,24 @@ def main() -> None:
     if opt.threads:
         torch.set_num_threads(opt.threads)
     print(f"Machine: {machine()}. Command: `python benchmarks/bench_conv.py {' '.join(sys.argv[1:])}`\n")
-    print("| convolution (batch 2) | GFLOP | torch (oneDNN) | matrix product | ratio | max abs diff |")
-    print("|---|---:|---:|---:|---:|---:|")
-    torch.manual_seed(0)
+    print(
+        "| convolution (batch 2) | path | torch (oneDNN) | fast path | ratio | error torch | error fast path |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
-        for shape in SHAPES:
-            print(conv_row(*shape, opt.reps * 3), flush=True)
+        for dtype in (torch.float32, torch.bfloat16):
+            for shape in SHAPES:
+                print(conv_row(*shape, dtype, opt.reps * 3), flush=True)
         prepare(opt.workdir)
         model = load_ours(opt.workdir / "model.safetensors")
         print(
-            "\n| UNet step (batch 2) | torch convolutions | with the matrix-product path | ratio | max abs diff |"
+            "\n| UNet step (batch 2) | torch's convolutions | + matrix products | + Winograd | ratio Winograd |"
+            " max abs diff |"
         )
-        print("|---|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|")
         for size in (256, 512):
-            print(unet_row(model, size, opt.reps), flush=True)
+            for row in unet_rows(model, size, opt.reps):
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -445,7 +445,7 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
 
     from ldm.checkpoint import load_model_from_config
     from ldm.runtime import precision_scope
-    from ldm.runtime.fast_paths import apply_cpu_fast_paths
+    from ldm.runtime.fast_paths import apply_cpu_fast_paths, fp32_sources_kept
     from ldm.runtime.memory import keep_freed_memory, low_precision
 
     model = load_model_from_config(OmegaConf.load(CONFIG), str(path), verbose=False)
@@ -465,7 +465,8 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
         results["openvino_convert_compile_s"] = time.perf_counter() - start
         apply_cpu_fast_paths(model)
         bf16 = copy.deepcopy(model)
-        low_precision(bf16, torch.bfloat16)
+        with fp32_sources_kept(bf16.model.diffusion_model):  # as the scripts prepare a bf16 run
+            low_precision(bf16, torch.bfloat16)
         cpu = torch.device("cpu")
 
         def autocast(fn):

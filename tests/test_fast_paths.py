@@ -147,6 +147,27 @@ def test_winograd_takes_only_wide_3x3_layers_on_small_maps():
     assert not WinogradConv2d(640, 8, 3, stride=2, padding=1)._as_winograd(torch.empty(2, 640, 16, 16))
 
 
+def test_winograd_only_with_room_for_its_kernels(monkeypatch):
+    from types import SimpleNamespace
+
+    import ldm.runtime.fast_paths as fast_paths
+
+    net = nn.Sequential(nn.Conv2d(640, 90, 3, padding=1))  # 518,400 weights: 3.7 MB of fp32 kernels
+    monkeypatch.setattr(fast_paths, "available_bytes", lambda device: 7_000_000)
+    assert not fast_paths.winograd_fits(net)
+    monkeypatch.setattr(fast_paths, "available_bytes", lambda device: 8_000_000)
+    assert fast_paths.winograd_fits(net)
+    monkeypatch.setattr(fast_paths, "available_bytes", lambda device: None)  # unknown: on
+    assert fast_paths.winograd_fits(net)
+    for free, switched in ((0, False), (None, True)):
+        monkeypatch.setattr(fast_paths, "available_bytes", lambda device, free=free: free)
+        unet = nn.Sequential(nn.Conv2d(640, 90, 3, padding=1))
+        apply_cpu_fast_paths(
+            SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), first_stage_model=None)
+        )
+        assert isinstance(unet[0], WinogradConv2d) == switched
+
+
 def test_decoder_top_levels_in_channels_last_equal_plain():
     decoder = Decoder(**small_ddconfig(ch_mult=[1, 2], num_res_blocks=1)).eval()
     randomize_(decoder, seed=0)

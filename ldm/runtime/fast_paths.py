@@ -28,6 +28,7 @@ from torch import nn
 from ldm.modules.attention import GEGLU, CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
 from ldm.runtime.bf16 import cpu_has_fast_bf16, cpu_has_native_bf16
+from ldm.runtime.budget import available_bytes
 from ldm.runtime.memory import release_tensor_pages
 
 
@@ -293,17 +294,34 @@ def use_matmul_convolutions(module: nn.Module) -> int:
     return switched
 
 
+def _winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
+    """The plain 3x3 nn.Conv2d and MatmulConv2d layers (`is_plain_3x3`) of `module` wide enough for Winograd."""
+    return [
+        conv
+        for conv in module.modules()
+        if type(conv) in (nn.Conv2d, MatmulConv2d)
+        and conv.in_channels >= WinogradConv2d.WINOGRAD_MIN_CHANNELS
+        and is_plain_3x3(conv)
+    ]
+
+
+def winograd_fits(module: nn.Module) -> bool:
+    """Whether this machine has room for the transformed kernels of `module`'s Winograd layers: 16/9 of their
+    weights (3.8 GB in fp32 for the SD UNet, 1.9 GB in bf16; the plain weights' pages go back to the OS when
+    memory-mapped). At least twice their fp32 size must be free (MemAvailable), or the free memory unknown."""
+    free = available_bytes("cpu")
+    kernels = sum(conv.weight.numel() for conv in _winograd_candidates(module)) * 16 // 9 * 4
+    return free is None or free >= 2 * kernels
+
+
 def use_winograd_convolutions(module: nn.Module) -> int:
-    """Make every plain 3x3 nn.Conv2d or MatmulConv2d (`is_plain_3x3`) of `module` wide enough for the Winograd
-    path a `WinogradConv2d` (in place: the same parameters); it runs once `use_packed_linears` names the dtypes
-    to pack. Returns how many were switched."""
-    switched = 0
-    for conv in module.modules():
-        wide = getattr(conv, "in_channels", 0) >= WinogradConv2d.WINOGRAD_MIN_CHANNELS
-        if type(conv) in (nn.Conv2d, MatmulConv2d) and wide and is_plain_3x3(conv):
-            conv.__class__ = WinogradConv2d
-            switched += 1
-    return switched
+    """Make every plain 3x3 nn.Conv2d or MatmulConv2d of `module` wide enough for the Winograd path a
+    `WinogradConv2d` (in place: the same parameters); it runs once `use_packed_linears` names the dtypes to
+    pack. Returns how many were switched."""
+    candidates = _winograd_candidates(module)
+    for conv in candidates:
+        conv.__class__ = WinogradConv2d
+    return len(candidates)
 
 
 CHANNELS_LAST_PIXELS = 256 * 256  # decoder maps of at least this many pixels run channels_last
@@ -419,13 +437,14 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
 
 
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
-    """The CPU fast paths on a LatentDiffusion: with `unet`, matmul and Winograd convolutions in the UNet,
-    prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16 attention on CPUs with bf16 units (a UNet that
-    torch.compile will compile gets none: inductor makes its own kernels, and cannot lower the packed products);
-    channels_last in the VAE decoder's large levels."""
+    """The CPU fast paths on a LatentDiffusion: with `unet`, matmul and (memory permitting, `winograd_fits`)
+    Winograd convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16
+    attention on CPUs with bf16 units (a UNet that torch.compile will compile gets none: inductor makes its own
+    kernels, and cannot lower the packed products); channels_last in the VAE decoder's large levels."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
-        use_winograd_convolutions(model.model.diffusion_model)
+        if winograd_fits(model.model.diffusion_model):
+            use_winograd_convolutions(model.model.diffusion_model)
         if packed_dtypes():
             use_packed_linears(model.model.diffusion_model)
         if cpu_has_native_bf16():
