@@ -61,19 +61,15 @@ def conv_row(c_in: int, c_out: int, side: int, dtype: torch.dtype, reps: int) ->
     )
 
 
-def unet_rows(model, size: int, reps: int) -> list[str]:
-    """Table rows: the UNet step at `size`² in fp32 and bf16 with all paths, without Winograd, without both."""
-    c = model.get_learned_conditioning(["", PROMPT])
+def unet_rows(models: dict, size: int, reps: int) -> list[str]:
+    """Table rows: the UNet step at `size`² of each model ("fp32", "bf16") with all paths, without Winograd,
+    without both."""
+    c = models["fp32"].get_learned_conditioning(["", PROMPT])
     t = torch.full((2,), 500, dtype=torch.long)
     x = torch.randn(2, 4, size // 8, size // 8)
-    bf16 = copy.deepcopy(model)
-    with fp32_sources_kept(bf16.model.diffusion_model):
-        low_precision(bf16, torch.bfloat16)
     as_matmul, as_winograd = MatmulConv2d._as_matmul, WinogradConv2d._as_winograd
     rows = []
-    for name, unet in (("fp32", model), ("bf16", bf16)):
-        if name == "bf16" and torch.bfloat16 not in packed_dtypes():
-            continue
+    for name, unet in models.items():
 
         def step(variant: str, unet=unet, name=name) -> torch.Tensor:
             MatmulConv2d._as_matmul = as_matmul if variant != "torch" else lambda self, x: False
@@ -112,13 +108,18 @@ def main() -> None:
                 print(conv_row(*shape, dtype, opt.reps * 3), flush=True)
         prepare(opt.workdir)
         model = load_ours(opt.workdir / "model.safetensors")
+        models = {"fp32": model}
+        if torch.bfloat16 in packed_dtypes():
+            models["bf16"] = copy.deepcopy(model)  # before any run packs weights (which do not copy)
+            with fp32_sources_kept(models["bf16"].model.diffusion_model):  # as the scripts prepare bf16
+                low_precision(models["bf16"], torch.bfloat16)
         print(
             "\n| UNet step (batch 2) | torch's convolutions | + matrix products | + Winograd | ratio Winograd |"
             " max abs diff |"
         )
         print("|---|---:|---:|---:|---:|---:|")
         for size in (256, 512):
-            for row in unet_rows(model, size, opt.reps):
+            for row in unet_rows(models, size, opt.reps):
                 print(row, flush=True)
 
 
