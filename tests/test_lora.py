@@ -266,3 +266,28 @@ def test_warning_is_one_per_file(base, tmp_path):
     assert [str(w.message) for w in caught] == [
         "LoRA extra.safetensors: skipped 3 tensors this model has no layer for"
     ]
+
+
+def test_lora_sets_switched_on_packed_layers_give_the_plain_models_eps(base):
+    """The CPU fast paths pack weights once (`ldm.runtime.fast_paths`): switching LoRA sets between batches (new
+    merged tensors, freed and allocated again) repacks, so each set's eps are the plain model's."""
+    import copy
+
+    from ldm.runtime.fast_paths import use_packed_linears
+    from ldm.runtime.memory import keep_freed_memory
+
+    model, _, folder = base
+    keep_freed_memory()  # as the scripts run: freed blocks come back for the next tensors of the same size
+    fast, plain = copy.deepcopy(model), copy.deepcopy(model)
+    assert use_packed_linears(fast.model.diffusion_model, {torch.float32}) > 10
+    paths = [folder / "switch_a.safetensors", folder / "switch_b.safetensors"]
+    for seed, path in enumerate(paths):
+        random_kohya_lora(model, path, seed=10 + seed)
+    x, t, c = inputs()
+    fast_set, plain_set = LoraSet(fast), LoraSet(plain)
+    with torch.inference_mode():
+        for loras in ([(paths[0], 1.0)], [(paths[1], 1.0)], [], [(paths[0], 0.5)], [(paths[1], 1.0)]):
+            fast_set.use(loras, verbose=False)
+            plain_set.use(loras, verbose=False)
+            expected = plain.apply_model(x, t, c)
+            torch.testing.assert_close(fast.apply_model(x, t, c), expected, rtol=0, atol=1e-5)

@@ -43,14 +43,18 @@ def packed_dtypes() -> frozenset[torch.dtype]:
     return frozenset(dtypes)
 
 
+FINGERPRINT_VALUES = 64  # first values of a weight that are part of its packed copy's key (`_source_key`)
 RELEASE_EVERY_BYTES = 256 * 2**20  # plain weights packed since the last release that trigger the next one
 _packed_sources: list[torch.Tensor] = []  # plain weights packed whose pages are not handed back yet
 
 
 def _source_key(weight: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """What a packed copy of `weight` in `dtype` was made from: its storage and version (inference tensors cannot
-    change)."""
-    return weight.data_ptr(), 0 if weight.is_inference() else weight._version, dtype
+    """What a packed copy of `weight` in `dtype` was made from: its storage, version (inference tensors have
+    none) and first values. The values tell apart two weights that the allocator placed at the same address with
+    the same version: a LoRA set merged into new tensors where the previous set's were just freed."""
+    version = 0 if weight.is_inference() else weight._version
+    first = weight.detach().reshape(-1)[:FINGERPRINT_VALUES].float()
+    return weight.data_ptr(), version, dtype, first.sum().item(), first.abs().sum().item()
 
 
 def _note_packed_source(weight: torch.Tensor) -> None:
