@@ -225,10 +225,9 @@ def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.T
     padded = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1)
     padded = padded.to(torch.float32, memory_format=torch.contiguous_format)
     transformed = x.new_empty(16, b, th, tw, c)
-    rows = _winograd_input_rows(
-        [padded[:, j : j + 2 * th : 2] for j in range(4)]
-    )  # B^T d: [B, th, W+2, C_in]
-    for i, row in enumerate(rows):  # (B^T d) B, into position 4 i + column
+    # B^T d along the rows of the tiles (4 x [B, th, W+2, C_in]), then (B^T d) B into position 4 * row + column
+    rows = _winograd_input_rows([padded[:, j : j + 2 * th : 2] for j in range(4)])
+    for i, row in enumerate(rows):
         _winograd_input_rows(
             [row[:, :, j : j + 2 * tw : 2] for j in range(4)], out=transformed[4 * i : 4 * i + 4]
         )
