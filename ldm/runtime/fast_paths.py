@@ -311,7 +311,7 @@ def _winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
 
 def winograd_fits(module: nn.Module) -> bool:
     """Whether this machine has room for the transformed kernels of `module`'s Winograd layers: 16/9 of their
-    weights (3.8 GB in fp32 for the SD UNet, 1.9 GB in bf16; the plain weights' pages go back to the OS when
+    weights (3.7 GB in fp32 for the SD UNet, 1.8 GB in bf16; the plain weights' pages go back to the OS when
     memory-mapped). At least twice their fp32 size must be free (MemAvailable), or the free memory unknown."""
     free = available_bytes("cpu")
     kernels = sum(conv.weight.numel() for conv in _winograd_candidates(module)) * 16 // 9 * 4
