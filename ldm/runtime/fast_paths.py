@@ -20,6 +20,7 @@ All give the plain layers' numbers up to float summation order; BENCHMARKS.md ha
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,18 +66,30 @@ def _note_packed_source(weight: torch.Tensor) -> None:
         release_packed_sources()
 
 
-def _packed(
-    module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, slot: str = "_packed_weight"
-) -> torch.Tensor:
-    """`weight` [out, in] in `dtype` in oneDNN's blocked layout, made once per weight and dtype (`_source_key`)
-    and kept on `module` under `slot` (not in its state_dict)."""
+def _made_once(module: nn.Module, slot: str, weight: torch.Tensor, dtype: torch.dtype, make: Callable) -> Any:
+    """`make()`, a packed form of `weight` in `dtype`, made once per weight and dtype (`_source_key`) and kept on
+    `module` under `slot` (not in its state_dict); the plain weight's pages go back to the OS afterwards
+    (`_note_packed_source`)."""
     key = _source_key(weight, dtype)
     cached = getattr(module, slot, None)
     if cached is None or cached[0] != key:
-        cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)))
+        cached = (key, make())
         setattr(module, slot, cached)
         _note_packed_source(weight)
     return cached[1]
+
+
+def _packed(
+    module: nn.Module, weight: torch.Tensor, dtype: torch.dtype, slot: str = "_packed_weight"
+) -> torch.Tensor:
+    """`weight` [out, in] in `dtype` in oneDNN's blocked layout, made once (`_made_once`) under `slot`."""
+    return _made_once(
+        module,
+        slot,
+        weight,
+        dtype,
+        lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype)),
+    )
 
 
 @torch.compiler.disable  # plain Python around the (possibly compiled) module
@@ -275,15 +288,13 @@ class WinogradConv2d(MatmulConv2d):
         return winograd_conv3x3(x.to(dtype), products)
 
     def _winograd_kernels(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The 16 transformed kernels [C_out, C_in] in `dtype`, packed for oneDNN, made once per weight."""
-        key = _source_key(self.weight, dtype)
-        cached = getattr(self, "_winograd_packed", None)
-        if cached is None or cached[0] != key:
+        """The 16 transformed kernels [C_out, C_in] in `dtype`, packed for oneDNN, made once (`_made_once`)."""
+
+        def make() -> list[torch.Tensor]:
             transformed = winograd_weights(self.weight.detach()).to(dtype)
-            cached = (key, [torch.ops.mkldnn._reorder_linear_weight(k) for k in transformed])
-            self._winograd_packed = cached
-            _note_packed_source(self.weight)
-        return cached[1]
+            return [torch.ops.mkldnn._reorder_linear_weight(kernel) for kernel in transformed]
+
+        return _made_once(self, "_winograd_packed", self.weight, dtype, make)
 
 
 def use_matmul_convolutions(module: nn.Module) -> int:
