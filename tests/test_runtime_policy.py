@@ -111,3 +111,11 @@ def test_compiled_unet_runs_without_the_packed_fast_paths(tiny_ldm):
     with torch.inference_mode():
         expected, compiled = eager.apply_model(x, t, c), tiny_ldm.apply_model(x, t, c)
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "onednn_bf16, amx, expected", [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_cpu_has_amx_needs_onednn_bf16_and_the_tiles(monkeypatch, onednn_bf16, amx, expected):
+    cpu(monkeypatch, onednn_bf16=onednn_bf16, avx512_bf16=True, amx=amx)
+    assert ldm.runtime.bf16.cpu_has_amx() == expected

@@ -42,8 +42,18 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic units that oneDNN uses: x86 AVX512-BF16 or AMX. There bf16 products
     run about twice as fast as fp32 (BENCHMARKS.md); plain AVX512 only emulates them (`cpu_has_fast_bf16` is True
     there too), at about fp32 speed, and Arm is not measured yet: both keep fp32 by default."""
-    units = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return cpu_has_fast_bf16() and any(getattr(torch.cpu, name, lambda: False)() for name in units)
+    return cpu_has_fast_bf16() and (_cpu_reports("_is_avx512_bf16_supported") or cpu_has_amx())
+
+
+def cpu_has_amx() -> bool:
+    """Whether oneDNN runs bf16 products on this CPU's AMX tiles (Sapphire Rapids and later Xeons), where torch's
+    own bf16 attention kernel beats the blocked one of the fast paths (BENCHMARKS.md)."""
+    return cpu_has_fast_bf16() and _cpu_reports("_is_amx_tile_supported")
+
+
+def _cpu_reports(check: str) -> bool:
+    """torch.cpu's `check` (e.g. "_is_amx_tile_supported"); False where this torch has no such check."""
+    return getattr(torch.cpu, check, lambda: False)()
 
 
 def _is_bf16(value: object) -> bool:

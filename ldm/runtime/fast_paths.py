@@ -13,8 +13,8 @@
 - `WinogradConv2d`: wide 3x3 convolutions on the UNet's 16x16 and 32x32 maps as Winograd's F(2x2, 3x3) over
   packed products, 2.25x fewer multiplications.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
-- `BlockedAttention`: on CPUs with bf16 units, bf16 self-attention as matrix products over blocks of queries,
-  one head at a time, instead of torch's flash kernel.
+- `BlockedAttention`: on CPUs with AVX512-BF16 but no AMX, bf16 self-attention as matrix products over blocks of
+  queries, one head at a time, instead of torch's flash kernel (with AMX, the flash kernel is faster).
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from ldm.modules.attention import GEGLU, CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
-from ldm.runtime.bf16 import cpu_has_fast_bf16, cpu_has_native_bf16
+from ldm.runtime.bf16 import cpu_has_amx, cpu_has_fast_bf16, cpu_has_native_bf16
 from ldm.runtime.budget import available_bytes
 from ldm.runtime.memory import release_tensor_pages
 
@@ -454,7 +454,7 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     """The CPU fast paths on a LatentDiffusion: with `unet`, matmul and (memory permitting, `winograd_fits`)
     Winograd convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16
-    attention on CPUs with bf16 units (a UNet that torch.compile will compile gets none: inductor makes its own
+    attention on CPUs with AVX512-BF16 but no AMX (a UNet that torch.compile will compile gets none: inductor makes its own
     kernels, and cannot lower the packed products); channels_last in the VAE decoder's large levels."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
@@ -462,7 +462,7 @@ def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
             use_winograd_convolutions(model.model.diffusion_model)
         if packed_dtypes():
             use_packed_linears(model.model.diffusion_model)
-        if cpu_has_native_bf16():
+        if cpu_has_native_bf16() and not cpu_has_amx():
             use_blocked_attention(model.model.diffusion_model)
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):
