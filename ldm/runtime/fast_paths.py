@@ -454,8 +454,9 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     """The CPU fast paths on a LatentDiffusion: with `unet`, matmul and (memory permitting, `winograd_fits`)
     Winograd convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16
-    attention on CPUs with AVX512-BF16 but no AMX (a UNet that torch.compile will compile gets none: inductor makes its own
-    kernels, and cannot lower the packed products); channels_last in the VAE decoder's large levels."""
+    attention on CPUs with AVX512-BF16 but no AMX (a UNet that torch.compile will compile gets none: inductor
+    makes its own kernels, and cannot lower the packed products); channels_last in the VAE decoder's large
+    levels."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
         if winograd_fits(model.model.diffusion_model):
