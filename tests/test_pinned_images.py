@@ -1,6 +1,6 @@
 """Images of the three scripts with the bundled `shapes` model, pinned: a refactor must not change a pixel.
 
-The references in tests/data/pinned/ were drawn where its capability.txt says (torch's CPU kernel level, e.g.
+The references in tests/data/pinned/ were drawn where its capability.txt says (the CPU, torch's kernel level, e.g.
 AVX512, torch's version and thread count): there each image must be bit-identical. Other CPUs and thread counts
 sum in another order, which may move a pixel by a level here and there, so there the images must be within
 rounding of the references.
@@ -8,6 +8,8 @@ rounding of the references.
 """
 
 import os
+import platform
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+
+from ldm.runtime.bf16 import cpu_has_amx
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "tests" / "data" / "pinned"
@@ -55,9 +59,21 @@ def inputs(directory: Path) -> list[str]:
 
 
 def capability() -> str:
-    """What decides the float kernels' rounding: the CPU's kernel level, torch, and the thread count."""
+    """What decides the float kernels' rounding: the CPU (oneDNN blocks its loops by the CPU's units and caches:
+    an AVX512 Zen 4 and an AVX512 Xeon with AMX round differently), its kernel level, torch and the thread count."""
     version = torch.__version__.split("+")[0]
-    return f"{torch.backends.cpu.get_cpu_capability()} torch {version} threads {torch.get_num_threads()}"
+    kernels = torch.backends.cpu.get_cpu_capability() + (" AMX" if cpu_has_amx() else "")
+    return f"{cpu_model()}: {kernels} torch {version} threads {torch.get_num_threads()}"
+
+
+def cpu_model() -> str:
+    """The CPU's name and model number as /proc/cpuinfo gives them (the platform's processor string elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    fields = dict(re.findall(r"^(model name|model)\s*:\s*(.*)$", info, re.MULTILINE))
+    return f"{fields.get('model name', platform.processor())} model {fields.get('model', '?')}"
 
 
 @pytest.mark.parametrize("case", CASES)
