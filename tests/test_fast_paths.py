@@ -20,7 +20,9 @@ from ldm.runtime.fast_paths import (
     WinogradConv2d,
     apply_cpu_fast_paths,
     fp32_sources_kept,
+    is_channels_last,
     use_channels_last_decoder,
+    use_channels_last_in_bf16,
     use_matmul_convolutions,
     use_packed_linears,
     use_winograd_convolutions,
@@ -109,6 +111,8 @@ def test_winograd_conv_equals_torch_conv(dtype, size, bias):
         assert conv._as_winograd(x)
         fast = conv(x)
         assert hasattr(conv, "_winograd_packed")  # the Winograd path ran
+        last = conv(x.contiguous(memory_format=torch.channels_last))  # the same tiles and products
+        assert is_channels_last(last) and last.equal(fast)
         conv.weight.mul_(2)
         doubled = conv(x)
     assert fast.shape == plain.shape == exact.shape and fast.is_contiguous() and fast.dtype == dtype
@@ -195,8 +199,33 @@ def test_apply_cpu_fast_paths_on_a_model_keeps_its_output(tiny_ldm):
         apply_cpu_fast_paths(tiny_ldm)
         eps, image = tiny_ldm.apply_model(x, t, c), tiny_ldm.decode_first_stage(z)
     assert tiny_ldm.first_stage_model.decoder._forward_hooks  # the channels_last levels are installed
+    assert tiny_ldm.model.diffusion_model._forward_pre_hooks  # channels_last in bf16
     torch.testing.assert_close(eps, plain_eps, rtol=0, atol=1e-5)
     torch.testing.assert_close(image, plain_image, rtol=0, atol=1e-4)
+
+
+def test_bf16_runs_in_channels_last_fp32_as_before():
+    """torch reorders NCHW maps for oneDNN's bf16 convolutions at every layer: a module run in bf16 (autocast or
+    bf16 weights) takes channels_last maps from its input on, its output contiguous NCHW; fp32 is untouched."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(4, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 4, 3, padding=1)
+    )
+    plain, x = copy.deepcopy(net), torch.randn(2, 4, 12, 12)
+    use_channels_last_in_bf16(net)
+    layouts = []
+    net[3].register_forward_pre_hook(lambda _, args: layouts.append(is_channels_last(args[0])))
+    with torch.inference_mode():
+        fp32 = net(x)
+        with precision_scope("autocast", torch.device("cpu")):
+            autocast, autocast_plain = net(x), plain(x)
+        bf16 = net.bfloat16()(x.bfloat16())
+    assert layouts == [False, True, True]
+    assert fp32.equal(plain(x)) and autocast.is_contiguous() and bf16.is_contiguous()
+    assert autocast.dtype == bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        autocast.float(), autocast_plain.float(), rtol=0.02, atol=0.02
+    )  # bf16 sums' order
 
 
 @needs_onednn_bf16
@@ -218,6 +247,11 @@ def test_packed_bf16_linear_and_matmul_conv_equal_the_plain_bf16_layers():
     torch.testing.assert_close(packed[0], plain[0], rtol=0, atol=0)  # the same oneDNN product
     torch.testing.assert_close(packed[1].float(), plain[1].float(), rtol=0.02, atol=0.02)  # bf16 sums' order
     assert packed[1].shape == (2, 16, 4, 6) and packed[1].is_contiguous()
+    with torch.inference_mode():
+        last = conv(
+            maps.contiguous(memory_format=torch.channels_last)
+        )  # the same product, seen channels_last
+    assert is_channels_last(last) and last.equal(packed[1])
     torch.testing.assert_close(
         doubled.float(), F.linear(x, linear.weight, linear.bias).float(), rtol=0, atol=0
     )

@@ -3,7 +3,8 @@
 - `MatmulConv2d`: wide 3x3 convolutions on small feature maps (the SD UNet's 1280-channel 8x8 and 4x4 levels)
   as one matrix product over im2col columns, where oneDNN's direct convolution is slow on such narrow maps.
 - The VAE decoder's large levels in channels_last, where oneDNN's convolutions are faster on few-channel,
-  large maps.
+  large maps; in bf16 the whole decoder and the UNet, where torch would reorder NCHW maps for oneDNN's bf16
+  convolutions at every layer (`use_channels_last_in_bf16`).
 - `PackedLinear`: linear layers (and those matmul convolutions) with their weight handed to oneDNN once in its
   blocked layout, in the dtypes `packed_dtypes` names for this CPU: bf16 where it has bf16 units (otherwise
   oneDNN reorders the whole weight at every call, which costs more than the product itself when few tokens pass
@@ -159,6 +160,11 @@ class PackedGEGLU(GEGLU):
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, value, value_bias, "mul")
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x [B, C, H, W] is laid out channels_last (and so not also contiguous NCHW, as a 1x1 map is)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def is_plain_3x3(conv: nn.Conv2d) -> bool:
     """A 3x3 convolution with stride 1 and zero padding 1: what the matmul and Winograd paths compute."""
     plain = conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
@@ -168,7 +174,8 @@ def is_plain_3x3(conv: nn.Conv2d) -> bool:
 class MatmulConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) that on the CPU runs 3x3 convolutions with at least
     `MATMUL_MIN_CHANNELS` input channels on maps of at most `MATMUL_MAX_PIXELS` pixels as one matrix product for
-    the whole batch (its pixels side by side); other inputs take nn.Conv2d's path. The output is contiguous NCHW."""
+    the whole batch (its pixels side by side); other inputs take nn.Conv2d's path. The output is contiguous in the
+    input's memory format (NCHW, or channels_last where the packed product runs)."""
 
     MATMUL_MAX_PIXELS = 64
     MATMUL_MIN_CHANNELS = 1024
@@ -193,7 +200,8 @@ class MatmulConv2d(nn.Conv2d):
         if dtype is not None:
             rows = columns.transpose(1, 2).reshape(b * h * w, -1)  # [B * H * W, C_in * 9]
             out = packed_linear(self, rows, self.weight.view(self.out_channels, -1), self.bias, dtype)
-            return out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2).contiguous()
+            out = out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
+            return out if is_channels_last(x) else out.contiguous()
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H * W]: one product
         weight = self.weight.reshape(self.out_channels, -1)
         out = weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], weight, columns)
@@ -232,7 +240,8 @@ def _winograd_input_rows(d: list[torch.Tensor], out: torch.Tensor | None = None)
 def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """A 3x3 convolution (stride 1, zero padding 1) of x [B, C_in, H, W] as F(2x2, 3x3), where `products` maps
     the transformed input tiles [16, tiles, C_in] to [16, tiles, C_out] (each position's tiles times its
-    transformed kernel, the bias added at BIAS_POSITION). Returns [B, C_out, H, W], contiguous."""
+    transformed kernel, the bias added at BIAS_POSITION). Returns [B, C_out, H, W], contiguous in x's memory
+    format (NCHW or channels_last)."""
     b, c, h, w = x.shape
     th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 tiles down and across (an odd side gets one more zero row)
     # [B, H+2, W+2, C_in] in fp32, so that the transformed tiles round once, in the end (as a product would)
@@ -247,8 +256,12 @@ def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.T
         )
     m = products(transformed.view(16, b * th * tw, c))  # [16, tiles, C_out]
     y = (torch.kron(WINOGRAD_AT, WINOGRAD_AT).to(x) @ m.view(16, -1)).view(2, 2, b, th, tw, -1)
-    out = y.permute(2, 5, 3, 0, 4, 1).reshape(b, -1, 2 * th, 2 * tw)  # [B, C_out, H (+1), W (+1)]
-    return out if (h, w) == out.shape[-2:] else out[..., :h, :w].contiguous()
+    layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    if layout == torch.channels_last:  # [B, H (+1), W (+1), C_out] seen as [B, C_out, H (+1), W (+1)]
+        out = y.permute(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, -1).permute(0, 3, 1, 2)
+    else:
+        out = y.permute(2, 5, 3, 0, 4, 1).reshape(b, -1, 2 * th, 2 * tw)  # [B, C_out, H (+1), W (+1)]
+    return out if (h, w) == out.shape[-2:] else out[..., :h, :w].contiguous(memory_format=layout)
 
 
 class WinogradConv2d(MatmulConv2d):
@@ -350,17 +363,42 @@ def _channels_last_from_here(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+def _runs_in_bf16(module: nn.Module) -> bool:
+    """Whether `module`'s convolutions run in bf16: under CPU autocast to bf16, or with a bf16 first one."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return True
+    conv = next((layer for layer in module.modules() if isinstance(layer, nn.Conv2d)), None)
+    return conv is not None and conv.weight.dtype == torch.bfloat16
+
+
+def _channels_last_in_bf16(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: a CPU batch of maps (the first argument) in channels_last when `module` runs in bf16.
+    torch hands oneDNN's bf16 convolutions channels_last maps, reordering NCHW ones at every convolution."""
+    if not args or args[0].ndim != 4 or args[0].device.type != "cpu" or not _runs_in_bf16(module):
+        return None
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
 def _contiguous_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     return output.contiguous()
 
 
+def use_channels_last_in_bf16(module: nn.Module) -> None:
+    """Run `module` (a UNet or decoder) in channels_last on the CPU when it runs in bf16 (`_runs_in_bf16`): on an
+    AMX Xeon its bf16 step at 512² takes 0.84x the time, the bf16 VAE decode 0.66x (BENCHMARKS.md); fp32 is
+    unchanged. Its output stays contiguous NCHW."""
+    module.register_forward_pre_hook(_channels_last_in_bf16)
+    module.register_forward_hook(_contiguous_output)
+
+
 def use_channels_last_decoder(decoder: Decoder) -> None:
-    """From the upsampling that makes maps of at least `CHANNELS_LAST_PIXELS` pixels on, run the decoder's layers
-    in channels_last (on the CPU); its output stays contiguous NCHW."""
+    """Run the decoder's layers in channels_last on the CPU: all of them in bf16 (`use_channels_last_in_bf16`), in
+    fp32 from the upsampling that makes maps of at least `CHANNELS_LAST_PIXELS` pixels on. Its output stays
+    contiguous NCHW."""
     for level in decoder.up:
         if hasattr(level, "upsample"):
             level.upsample.register_forward_pre_hook(_channels_last_from_here)
-    decoder.register_forward_hook(_contiguous_output)
+    use_channels_last_in_bf16(decoder)
 
 
 def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
@@ -454,9 +492,9 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     """The CPU fast paths on a LatentDiffusion: with `unet`, matmul and (memory permitting, `winograd_fits`)
     Winograd convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16
-    attention on CPUs with AVX512-BF16 but no AMX (a UNet that torch.compile will compile gets none: inductor
-    makes its own kernels, and cannot lower the packed products); channels_last in the VAE decoder's large
-    levels."""
+    attention on CPUs with AVX512-BF16 but no AMX, channels_last in bf16 (a UNet that torch.compile will compile
+    gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last in the VAE
+    decoder, in its large levels in fp32 and throughout in bf16."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
         if winograd_fits(model.model.diffusion_model):
@@ -465,6 +503,7 @@ def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
             use_packed_linears(model.model.diffusion_model)
         if cpu_has_native_bf16() and not cpu_has_amx():
             use_blocked_attention(model.model.diffusion_model)
+        use_channels_last_in_bf16(model.model.diffusion_model)
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):
         use_channels_last_decoder(decoder)
