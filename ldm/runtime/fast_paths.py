@@ -195,17 +195,36 @@ class MatmulConv2d(nn.Conv2d):
         if not self._as_matmul(x):
             return super().forward(x)
         b, _, h, w = x.shape
-        columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
         dtype = _product_dtype(self, self.weight, x)
         if dtype is not None:
-            rows = columns.transpose(1, 2).reshape(b * h * w, -1)  # [B * H * W, C_in * 9]
-            out = packed_linear(self, rows, self.weight.view(self.out_channels, -1), self.bias, dtype)
+            bias = None if self.bias is None else self.bias.to(dtype)
+            rows = pixel_neighbourhoods(x.to(dtype)).view(b * h * w, -1)
+            out = torch.ops.mkldnn._linear_pointwise(rows, self._packed_taps(dtype), bias, "none", [], "")
             out = out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             return out if is_channels_last(x) else out.contiguous()
+        columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H * W]: one product
         weight = self.weight.reshape(self.out_channels, -1)
         out = weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], weight, columns)
         return out.view(self.out_channels, b, h, w).transpose(0, 1).contiguous()
+
+    def _packed_taps(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kernels as [C_out, 9 * C_in] rows in `pixel_neighbourhoods`' order, in `dtype`, packed for oneDNN,
+        made once (`_made_once`)."""
+
+        def make() -> torch.Tensor:
+            taps = self.weight.detach().permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+            return torch.ops.mkldnn._reorder_linear_weight(taps.to(dtype))
+
+        return _made_once(self, "_packed_weight", self.weight, dtype, make)
+
+
+def pixel_neighbourhoods(x: torch.Tensor) -> torch.Tensor:
+    """Each pixel's zero-padded 3x3 neighbourhood: x [B, C, H, W] -> [B, H, W, 9 * C], the 9 maps shifted by
+    (row, column) in -1..1 side by side along the channels (row-major), one copy (channels_last in, the cheapest)."""
+    _, _, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # [B, H + 2, W + 2, C]
+    return torch.cat([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], dim=-1)
 
 
 # Winograd's F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): the 2x2
