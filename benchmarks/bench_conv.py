@@ -26,10 +26,9 @@ from ldm.runtime import precision_scope  # noqa: E402
 from ldm.runtime.fast_paths import (  # noqa: E402
     MatmulConv2d,
     WinogradConv2d,
-    fp32_sources_kept,
+    low_precision_with_fast_paths,
     packed_dtypes,
 )
-from ldm.runtime.memory import low_precision  # noqa: E402
 
 # (input channels, output channels, map side) of the UNet's 3x3 convolutions: 4x4 and 8x8 (matrix products at
 # 256²), 16x16 and 32x32 (Winograd), 64x64 (torch's, for comparison)
@@ -111,8 +110,7 @@ def main() -> None:
         models = {"fp32": model}
         if torch.bfloat16 in packed_dtypes():
             models["bf16"] = copy.deepcopy(model)  # before any run packs weights (which do not copy)
-            with fp32_sources_kept(models["bf16"].model.diffusion_model):  # as the scripts prepare bf16
-                low_precision(models["bf16"], torch.bfloat16)
+            low_precision_with_fast_paths(models["bf16"], torch.bfloat16)  # as the scripts prepare bf16
         print(
             "\n| UNet step (batch 2) | torch's convolutions | + matrix products | + Winograd | ratio Winograd |"
             " max abs diff |"

@@ -21,7 +21,8 @@ from bench_vs_diffusers import PROMPT, alternate, load_ours, machine, prepare  #
 
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.runtime import precision_scope  # noqa: E402
-from ldm.runtime.memory import low_precision, set_attention_chunk  # noqa: E402
+from ldm.runtime.fast_paths import low_precision_with_fast_paths  # noqa: E402
+from ldm.runtime.memory import set_attention_chunk  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     fp32 = load_ours(opt.workdir / "model.safetensors")
     bf16 = copy.deepcopy(fp32)
-    low_precision(bf16, torch.bfloat16)
+    low_precision_with_fast_paths(bf16, torch.bfloat16)
     results = {"machine": machine()}
     torch.manual_seed(0)
     with torch.inference_mode():

@@ -352,12 +352,12 @@ def bf16_step(ours, unet, c: torch.Tensor) -> dict:
     and `precision_scope`; diffusers: its UNet in bf16 under bf16 autocast), one cold run each (torch's own
     bf16 kernels take minutes on a CPU without bf16 units), and our bf16 eps against fp32."""
     from ldm.runtime import precision_scope
-    from ldm.runtime.memory import low_precision
+    from ldm.runtime.fast_paths import low_precision_with_fast_paths
 
     x, t = torch.randn(2, 4, 32, 32), torch.full((2,), 500, dtype=torch.long)
     plain = ours.apply_model(x, t, c)
     ours_bf16 = copy.deepcopy(ours)
-    low_precision(ours_bf16, torch.bfloat16)
+    low_precision_with_fast_paths(ours_bf16, torch.bfloat16)
     unet_bf16 = copy.deepcopy(unet).to(torch.bfloat16)
 
     def step_ours():
@@ -445,8 +445,8 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
 
     from ldm.checkpoint import load_model_from_config
     from ldm.runtime import precision_scope
-    from ldm.runtime.fast_paths import apply_cpu_fast_paths, fp32_sources_kept
-    from ldm.runtime.memory import keep_freed_memory, low_precision
+    from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
+    from ldm.runtime.memory import keep_freed_memory
 
     model = load_model_from_config(OmegaConf.load(CONFIG), str(path), verbose=False)
     model.cond_stage_model = model.first_stage_model.encoder = None
@@ -463,8 +463,7 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
         results["openvino_convert_compile_s"] = time.perf_counter() - start
         apply_cpu_fast_paths(model)
         bf16 = copy.deepcopy(model)
-        with fp32_sources_kept(bf16.model.diffusion_model):  # as the scripts prepare a bf16 run
-            low_precision(bf16, torch.bfloat16)
+        low_precision_with_fast_paths(bf16, torch.bfloat16)  # as the scripts prepare a bf16 run
         cpu = torch.device("cpu")
 
         def autocast(fn):

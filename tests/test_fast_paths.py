@@ -21,6 +21,7 @@ from ldm.runtime.fast_paths import (
     apply_cpu_fast_paths,
     fp32_sources_kept,
     is_channels_last,
+    low_precision_with_fast_paths,
     use_channels_last_decoder,
     use_channels_last_in_bf16,
     use_matmul_convolutions,
@@ -323,6 +324,31 @@ def test_bf16_unet_with_packed_weights_matches_the_plain_bf16_eps(tiny_ldm):
     assert all(m._packed_weight[1].dtype == torch.bfloat16 for m in linears if hasattr(m, "_packed_weight"))
     geglus = [m for m in unet.modules() if isinstance(m, PackedGEGLU)]
     assert geglus and all(m._packed_gate[1].dtype == torch.bfloat16 for m in geglus)
+
+
+def test_bf16_model_holds_its_plain_convolutions_channels_last(tiny_ldm):
+    """`low_precision_with_fast_paths`: the bf16 weights of the UNet's and decoder's plain convolutions laid out
+    channels_last like their bf16 inputs, packed layers kept fp32; the numbers of the NCHW weights (a layout)."""
+    x, t, c, z = (
+        torch.randn(2, 4, 16, 16),
+        torch.tensor([10, 900]),
+        torch.randn(2, 77, 32),
+        torch.randn(1, 4, 8, 8),
+    )
+    apply_cpu_fast_paths(tiny_ldm)
+    nchw = copy.deepcopy(tiny_ldm)
+    low_precision(nchw, torch.bfloat16)
+    low_precision_with_fast_paths(tiny_ldm, torch.bfloat16)
+    unet, decoder = tiny_ldm.model.diffusion_model, tiny_ldm.first_stage_model.decoder
+    convs = [m for module in (unet, decoder) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    bf16 = [m for m in convs if m.weight.dtype == torch.bfloat16]
+    assert len(bf16) > 10 and all(is_channels_last(m.weight) for m in bf16 if m.kernel_size == (3, 3))
+    assert not is_channels_last(tiny_ldm.first_stage_model.encoder.conv_in.weight)  # fp32, as it was
+    with torch.inference_mode(), precision_scope("autocast", torch.device("cpu")):
+        for run in (lambda m: m.apply_model(x, t, c), lambda m: m.decode_first_stage(z)):
+            got, want = run(tiny_ldm).float(), run(nchw).float()
+            assert got.is_contiguous()
+            torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
 
 
 @needs_onednn_bf16

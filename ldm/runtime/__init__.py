@@ -14,7 +14,7 @@ from torch import nn
 
 from ldm.errors import UserError
 from ldm.runtime.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16, cpu_has_native_bf16
-from ldm.runtime.fast_paths import apply_cpu_fast_paths, fp32_sources_kept
+from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
 from ldm.runtime.memory import (
     enable_lowvram,
     keep_freed_memory,
@@ -140,8 +140,7 @@ def prepare(
     if fast_paths:
         apply_cpu_fast_paths(model, unet=not options.compile)  # (it changes only the UNet and the decoder)
     if dtype is not None and not openvino:
-        with fp32_sources_kept(model.model.diffusion_model) if fast_paths else contextlib.nullcontext():
-            low_precision(model, dtype)
+        (low_precision_with_fast_paths if fast_paths else low_precision)(model, dtype)
     if options.vae_tiling:
         if not hasattr(model.first_stage_model, "enable_tiling"):
             raise UserError("--vae-tiling needs a KL autoencoder first stage (AutoencoderKL)")

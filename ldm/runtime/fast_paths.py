@@ -31,7 +31,7 @@ from ldm.modules.attention import GEGLU, CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
 from ldm.runtime.bf16 import cpu_has_amx, cpu_has_fast_bf16, cpu_has_native_bf16
 from ldm.runtime.budget import available_bytes
-from ldm.runtime.memory import release_tensor_pages
+from ldm.runtime.memory import low_precision, release_tensor_pages
 
 
 def packed_dtypes() -> frozenset[torch.dtype]:
@@ -506,6 +506,19 @@ def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
         layer.weight.data = weight
         if bias is not None:
             layer.bias.data = bias
+
+
+def low_precision_with_fast_paths(model: nn.Module, dtype: torch.dtype) -> None:
+    """`low_precision` for a LatentDiffusion with the CPU fast paths: the packed layers keep their fp32 sources
+    (`fp32_sources_kept`), and the other convolutions of the UNet and the decoder hold their bf16 weights
+    channels_last, as their bf16 inputs come (`use_channels_last_in_bf16`; torch would reorder an NCHW weight at
+    every call)."""
+    with fp32_sources_kept(model.model.diffusion_model):
+        low_precision(model, dtype)
+    for module in (model.model.diffusion_model, getattr(model.first_stage_model, "decoder", None)):
+        for conv in module.modules() if module is not None else ():
+            if isinstance(conv, nn.Conv2d) and conv.weight.dtype == torch.bfloat16:
+                conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
 
 
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
