@@ -135,6 +135,21 @@ def test_winograd_conv_equals_torch_conv(dtype, size, bias):
     assert x.grad is not None
 
 
+def test_winograd_kernels_are_g_g_gt_transformed_in_chunks(monkeypatch):
+    """G g G^T for every kernel (Lavin & Gray's F(2x2, 3x3)), computed a few output channels at a time (the last
+    chunk shorter) and rounded to the asked dtype from the fp32 values."""
+    import ldm.runtime.fast_paths as fast_paths
+
+    monkeypatch.setattr(fast_paths, "WINOGRAD_CHUNK_KERNELS", 5 * 7)  # 5 output channels of 7 inputs a chunk
+    weight = torch.randn(12, 7, 3, 3, generator=torch.Generator().manual_seed(0))
+    g = fast_paths.WINOGRAD_G.double()
+    want = torch.einsum("ij,ocjk,lk->iloc", g, weight.double(), g).reshape(16, 12, 7)
+    got = fast_paths.winograd_weights(weight)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    assert fast_paths.winograd_weights(weight, torch.bfloat16).equal(got.bfloat16())
+
+
 def test_winograd_takes_only_wide_3x3_layers_on_small_maps():
     net = nn.Sequential(
         nn.Conv2d(640, 8, 3, padding=1),
@@ -324,6 +339,16 @@ def test_bf16_unet_with_packed_weights_matches_the_plain_bf16_eps(tiny_ldm):
     assert all(m._packed_weight[1].dtype == torch.bfloat16 for m in linears if hasattr(m, "_packed_weight"))
     geglus = [m for m in unet.modules() if isinstance(m, PackedGEGLU)]
     assert geglus and all(m._packed_gate[1].dtype == torch.bfloat16 for m in geglus)
+
+
+def test_fp32_sources_are_placeholders_during_the_conversion_and_come_back_after_an_error():
+    layer = nn.Linear(8, 4)
+    use_packed_linears(layer, {torch.bfloat16})
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    with pytest.raises(RuntimeError), fp32_sources_kept(layer):
+        assert layer.weight.numel() == layer.bias.numel() == 0  # nothing for the conversion to copy
+        raise RuntimeError("a conversion that fails")
+    assert layer.weight.equal(weight) and layer.bias.equal(bias)
 
 
 def test_bf16_model_holds_its_plain_convolutions_channels_last(tiny_ldm):
