@@ -233,7 +233,7 @@ def test_bf16_runs_in_channels_last_fp32_as_before():
     net[3].register_forward_pre_hook(lambda _, args: layouts.append(is_channels_last(args[0])))
     with torch.inference_mode():
         fp32 = net(x)
-        with precision_scope("autocast", torch.device("cpu")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast, autocast_plain = net(x), plain(x)
         bf16 = net.bfloat16()(x.bfloat16())
     assert layouts == [False, True, True]
