@@ -29,6 +29,7 @@ from torch import nn
 
 from ldm.modules.attention import GEGLU, CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
+from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.runtime.bf16 import cpu_has_amx, cpu_has_fast_bf16, cpu_has_native_bf16
 from ldm.runtime.budget import available_bytes
 from ldm.runtime.memory import low_precision, release_tensor_pages
@@ -411,12 +412,44 @@ def _contiguous_output(module: nn.Module, args: tuple, output: torch.Tensor) -> 
     return output.contiguous()
 
 
+ONE_THREAD_NORM_PIXELS = 1024  # from this map size on, torch's channels_last GroupNorm sums groups by thread
+
+
+class OneThreadGroupNorm(GroupNorm32):
+    """GroupNorm32 (same parameters and state_dict) that normalizes channels_last maps of at least
+    ONE_THREAD_NORM_PIXELS pixels on one thread. From that size torch's channels_last kernel sums each group in
+    per-thread parts, so an image would depend on the thread count (`--threads`) and on its batch; on one thread
+    the sums run in one order. It takes 1.5x a two-thread call (an NCHW round trip: 4x). The model's calls run on
+    one thread at a time (the server's model worker), so the thread count is the caller's again afterwards."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> [B, C, H, W]."""
+        if not is_channels_last(x) or x.shape[-2] * x.shape[-1] < ONE_THREAD_NORM_PIXELS:
+            return super().forward(x)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return super().forward(x)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def use_one_thread_norms(module: nn.Module) -> int:
+    """Make every GroupNorm32 of `module` a `OneThreadGroupNorm` (in place). Returns how many were switched."""
+    norms = [layer for layer in module.modules() if type(layer) is GroupNorm32]
+    for norm in norms:
+        norm.__class__ = OneThreadGroupNorm
+    return len(norms)
+
+
 def use_channels_last_in_bf16(module: nn.Module) -> None:
     """Run `module` (a UNet or decoder) in channels_last on the CPU when it runs in bf16 (`_runs_in_bf16`): on an
     AMX Xeon its bf16 step at 512² takes 0.84x the time, the bf16 VAE decode 0.66x (BENCHMARKS.md); fp32 is
-    unchanged. Its output stays contiguous NCHW."""
+    unchanged. Its output stays contiguous NCHW, and its images do not depend on the thread count
+    (`OneThreadGroupNorm`)."""
     module.register_forward_pre_hook(_channels_last_in_bf16)
     module.register_forward_hook(_contiguous_output)
+    use_one_thread_norms(module)
 
 
 def use_channels_last_decoder(decoder: Decoder) -> None:
