@@ -116,13 +116,12 @@ def _product_dtype(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> 
 
 
 def packed_linear(
-    module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) in `dtype` with `weight` prepacked (see `_packed`). x [..., in] -> [..., out]."""
+    """F.linear(x, weight, bias) in `dtype`, the weight given `packed` for oneDNN in `dtype` (see `_packed`).
+    x [..., in] -> [..., out]."""
     bias = None if bias is None else bias.to(dtype)
-    return torch.ops.mkldnn._linear_pointwise(
-        x.to(dtype), _packed(module, weight, dtype), bias, "none", [], ""
-    )
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
 
 
 class PackedLinear(nn.Linear):
@@ -136,7 +135,7 @@ class PackedLinear(nn.Linear):
         dtype = _product_dtype(self, self.weight, x)
         if dtype is None:
             return super().forward(x)
-        return packed_linear(self, x, self.weight, self.bias, dtype)
+        return packed_linear(x, _packed(self, self.weight, dtype), self.bias, dtype)
 
 
 class PackedGEGLU(GEGLU):
@@ -198,9 +197,8 @@ class MatmulConv2d(nn.Conv2d):
         b, _, h, w = x.shape
         dtype = _product_dtype(self, self.weight, x)
         if dtype is not None:
-            bias = None if self.bias is None else self.bias.to(dtype)
-            rows = pixel_neighbourhoods(x.to(dtype)).view(b * h * w, -1)
-            out = torch.ops.mkldnn._linear_pointwise(rows, self._packed_taps(dtype), bias, "none", [], "")
+            rows = pixel_neighbourhoods(x.to(dtype)).view(b * h * w, -1)  # [B * H * W, 9 * C_in]
+            out = packed_linear(rows, self._packed_taps(dtype), self.bias, dtype)
             out = out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             return out if is_channels_last(x) else out.contiguous()
         columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
@@ -564,10 +562,10 @@ def low_precision_with_fast_paths(model: nn.Module, dtype: torch.dtype) -> None:
     every call)."""
     with fp32_sources_kept(model.model.diffusion_model):
         low_precision(model, dtype)
-    for module in (model.model.diffusion_model, getattr(model.first_stage_model, "decoder", None)):
-        for conv in module.modules() if module is not None else ():
-            if isinstance(conv, nn.Conv2d) and conv.weight.dtype == torch.bfloat16:
-                conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    parts = [model.model.diffusion_model, getattr(model.first_stage_model, "decoder", None)]
+    for conv in (layer for part in parts if part is not None for layer in part.modules()):
+        if isinstance(conv, nn.Conv2d) and conv.weight.dtype == torch.bfloat16:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
 
 
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
