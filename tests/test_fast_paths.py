@@ -11,10 +11,11 @@ from test_autoencoder import small_ddconfig
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder
-from ldm.runtime import precision_scope
+from ldm.runtime import fast_paths, precision_scope
 from ldm.runtime.bf16 import cpu_has_fast_bf16
 from ldm.runtime.fast_paths import (
     MatmulConv2d,
+    PackedConv2d,
     PackedGEGLU,
     PackedLinear,
     WinogradConv2d,
@@ -25,6 +26,7 @@ from ldm.runtime.fast_paths import (
     use_channels_last_decoder,
     use_channels_last_in_bf16,
     use_matmul_convolutions,
+    use_packed_convolutions,
     use_packed_linears,
     use_winograd_convolutions,
 )
@@ -94,10 +96,11 @@ def test_use_matmul_convolutions_switches_only_wide_3x3_layers_and_keeps_the_num
     "dtype, size, bias",
     [(torch.float32, (16, 16), True), (torch.float32, (9, 14), False), (torch.bfloat16, (12, 12), True)],
 )
-def test_winograd_conv_equals_torch_conv(dtype, size, bias):
+def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias):
     """F(2x2, 3x3) over packed products (odd sides padded and cropped): torch's convolution, with an error against
     fp64 of the same order as torch's own (its transforms add and subtract); the plain path under autograd and
-    without packed dtypes; a changed weight is transformed again."""
+    without packed dtypes; a changed weight is transformed again. (bf16 as on a CPU without AMX.)"""
+    monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
     torch.manual_seed(0)
     conv = WinogradConv2d(640, 48, 3, padding=1, bias=bias).to(dtype)
     reference = nn.Conv2d(640, 48, 3, padding=1, bias=bias).to(dtype)
@@ -135,11 +138,79 @@ def test_winograd_conv_equals_torch_conv(dtype, size, bias):
     assert x.grad is not None
 
 
+@needs_onednn_bf16
+@pytest.mark.parametrize(
+    "c_in, kernel, stride, padding, size",
+    [(64, 3, 1, 1, 12), (4, 3, 1, 1, 9), (48, 1, 1, 0, 10), (64, 3, 2, 1, 11), (32, 3, 1, 1, 1)],
+)
+def test_packed_conv_equals_torch_bf16_conv(c_in, kernel, stride, padding, size):
+    """oneDNN's convolution with prepacked kernels (3x3, a 4-channel input, 1x1, stride 2, a 1x1 map): torch's
+    own bf16 convolution exactly, channels_last out; NCHW maps, fp32 and autograd take torch's path; a changed
+    weight is packed again."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, 24, kernel, stride=stride, padding=padding).bfloat16()
+    plain = copy.deepcopy(conv)
+    x = torch.randn(2, c_in, size, size + (size > 1)).bfloat16()
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    assert use_packed_convolutions(conv, {torch.bfloat16}) == 1 and type(conv) is PackedConv2d
+    with torch.inference_mode():
+        packed, nchw = conv(x_last), conv(x)
+        assert hasattr(conv, "_packed_kernels_slot")  # the packed path ran
+        want = plain(x_last)
+        conv.weight.mul_(2)
+        doubled = conv(x_last)
+    assert packed.equal(want) and packed.is_contiguous(memory_format=torch.channels_last)
+    assert nchw.equal(plain(x)) and nchw.is_contiguous()
+    assert doubled.equal(F.conv2d(x_last, conv.weight, conv.bias, stride, padding))
+    fp32 = nn.Conv2d(c_in, 8, kernel, stride=stride, padding=padding)
+    use_packed_convolutions(fp32, {torch.bfloat16, torch.float32})
+    with torch.no_grad():
+        assert fp32(x_last.float()).equal(nn.Conv2d.forward(fp32, x_last.float()))  # fp32: torch's path
+    assert not hasattr(fp32, "_packed_kernels_slot")
+    x_last.requires_grad_()
+    conv(x_last).float().sum().backward()  # autograd: torch's path
+    assert x_last.grad is not None
+
+
+@needs_onednn_bf16
+def test_fp32_conv_packed_in_bf16_under_autocast_equals_autocasts_conv():
+    """As the UNet's convolutions run in bf16: fp32 weights kept (`fp32_sources_kept`), packed in bf16 under
+    autocast, with autocast's numbers."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 16, 3, padding=1)
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = conv(x)
+        use_packed_convolutions(conv, {torch.bfloat16})
+        packed = conv(x)
+    assert conv.weight.dtype == torch.float32 and conv._packed_kernels_slot[-1].dtype == torch.bfloat16
+    assert packed.dtype == torch.bfloat16 and packed.equal(plain)
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("amx", [False, True])
+def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
+    """With AMX, oneDNN's prepacked bf16 convolution beats Winograd's: a Winograd layer convolves its bf16 maps
+    packed there (the same numbers as torch's), Winograd's elsewhere; fp32 takes Winograd's on either CPU."""
+    monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
+    assert fast_paths.winograd_pays(torch.float32) and fast_paths.winograd_pays(torch.bfloat16) != amx
+    torch.manual_seed(0)
+    conv = WinogradConv2d(640, 16, 3, padding=1).bfloat16()
+    conv.packed_dtypes = frozenset({torch.bfloat16})
+    x = torch.randn(2, 640, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = conv(x)
+        want = nn.Conv2d.forward(conv, x)
+    assert hasattr(conv, "_winograd_packed") != amx and hasattr(conv, "_packed_kernels_slot") == amx
+    if amx:
+        assert out.equal(want)
+    else:
+        torch.testing.assert_close(out.float(), want.float(), rtol=0.02, atol=0.05)
+
+
 def test_winograd_kernels_are_g_g_gt_transformed_in_chunks(monkeypatch):
     """G g G^T for every kernel (Lavin & Gray's F(2x2, 3x3)), computed a few output channels at a time (the last
     chunk shorter) and rounded to the asked dtype from the fp32 values."""
-    import ldm.runtime.fast_paths as fast_paths
-
     monkeypatch.setattr(fast_paths, "WINOGRAD_CHUNK_KERNELS", 5 * 7)  # 5 output channels of 7 inputs a chunk
     weight = torch.randn(12, 7, 3, 3, generator=torch.Generator().manual_seed(0))
     g = fast_paths.WINOGRAD_G.double()
@@ -169,8 +240,6 @@ def test_winograd_takes_only_wide_3x3_layers_on_small_maps():
 
 def test_winograd_only_with_room_for_its_kernels(monkeypatch):
     from types import SimpleNamespace
-
-    import ldm.runtime.fast_paths as fast_paths
 
     net = nn.Sequential(nn.Conv2d(640, 90, 3, padding=1))  # 518,400 weights: 3.7 MB of fp32 kernels
     monkeypatch.setattr(fast_paths, "available_bytes", lambda device: 7_000_000)
@@ -300,8 +369,6 @@ def test_packed_fp32_linear_and_matmul_conv_equal_the_plain_layers():
 
 
 def test_packed_dtypes_follow_the_cpu(monkeypatch):
-    import ldm.runtime.fast_paths as fast_paths
-
     for capability, native_bf16, expected in [
         ("AVX512", True, {torch.bfloat16, torch.float32}),
         ("AVX512", False, {torch.float32}),
@@ -337,9 +404,9 @@ def test_bf16_unet_with_packed_weights_matches_the_plain_bf16_eps(tiny_ldm):
     plain_error, packed_error = (plain - exact).abs().max(), (packed - exact).abs().max()
     assert exact.abs().max() > 0.1 and 0 < packed_error <= 1.1 * plain_error, (packed_error, plain_error)
     torch.testing.assert_close(packed, plain, rtol=0, atol=2 * plain_error.item())
-    assert all(m._packed_weight[1].dtype == torch.bfloat16 for m in linears if hasattr(m, "_packed_weight"))
+    assert all(m._packed_weight[-1].dtype == torch.bfloat16 for m in linears if hasattr(m, "_packed_weight"))
     geglus = [m for m in unet.modules() if isinstance(m, PackedGEGLU)]
-    assert geglus and all(m._packed_gate[1].dtype == torch.bfloat16 for m in geglus)
+    assert geglus and all(m._packed_gate[-1].dtype == torch.bfloat16 for m in geglus)
 
 
 def test_fp32_sources_are_placeholders_during_the_conversion_and_come_back_after_an_error():
@@ -416,7 +483,7 @@ def test_fp32_linear_packed_in_bf16_under_autocast_equals_autocasts_linear():
         plain = linear(x)
         use_packed_linears(linear, {torch.bfloat16})
         packed = linear(x)
-    assert packed.dtype == plain.dtype == torch.bfloat16 and linear._packed_weight[1].dtype == torch.bfloat16
+    assert packed.dtype == plain.dtype == torch.bfloat16 and linear._packed_weight[-1].dtype == torch.bfloat16
     torch.testing.assert_close(packed, plain, rtol=0, atol=0)
 
 
@@ -515,7 +582,6 @@ def test_blocked_attention_only_on_bf16_units_without_amx(monkeypatch, native_bf
     """With AMX, torch's bf16 flash kernel is faster than the blocked one (512² bf16 step 1.13x, BENCHMARKS.md)."""
     from types import SimpleNamespace
 
-    import ldm.runtime.fast_paths as fast_paths
     from ldm.modules.attention import CrossAttention
     from ldm.runtime.fast_paths import BlockedAttention
 

@@ -12,7 +12,8 @@
   runs its AVX2 code). In a bf16 run they keep their fp32 weights and pack them in bf16 (`fp32_sources_kept`);
   the plain weights' checkpoint pages go back to the OS once packed (`release_packed_sources`).
 - `WinogradConv2d`: wide 3x3 convolutions on the UNet's 16x16 and 32x32 maps as Winograd's F(2x2, 3x3) over
-  packed products, 2.25x fewer multiplications.
+  packed products, 2.25x fewer multiplications (not in bf16 with AMX, where the next one is faster).
+- `PackedConv2d`: the UNet's other convolutions in bf16 through oneDNN with prepacked kernels.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
 - `BlockedAttention`: on CPUs with AVX512-BF16 but no AMX, bf16 self-attention as matrix products over blocks of
   queries, one head at a time, instead of torch's flash kernel (with AMX, the flash kernel is faster).
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ldm.modules.attention import GEGLU, CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
@@ -46,18 +48,17 @@ def packed_dtypes() -> frozenset[torch.dtype]:
     return frozenset(dtypes)
 
 
-FINGERPRINT_VALUES = 64  # first values of a weight that are part of its packed copy's key (`_source_key`)
 RELEASE_EVERY_BYTES = 256 * 2**20  # plain weights packed since the last release that trigger the next one
 _packed_sources: list[torch.Tensor] = []  # plain weights packed whose pages are not handed back yet
 
 
 def _source_key(weight: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """What a packed copy of `weight` in `dtype` was made from: its storage, version (inference tensors have
-    none) and first values. The values tell apart two weights that the allocator placed at the same address with
-    the same version: a LoRA set merged into new tensors where the previous set's were just freed."""
+    """What a packed copy of `weight` in `dtype` was made from: its address and version (inference tensors have
+    none). A weak reference to its storage goes with the copy (`_made_once`): while that storage lives no other
+    weight can sit at its address, so a LoRA set merged into new tensors where the previous set's were just freed
+    does not pass for them."""
     version = 0 if weight.is_inference() else weight._version
-    first = weight.detach().reshape(-1)[:FINGERPRINT_VALUES].float()
-    return weight.data_ptr(), version, dtype, first.sum().item(), first.abs().sum().item()
+    return weight.data_ptr(), version, dtype
 
 
 def _note_packed_source(weight: torch.Tensor) -> None:
@@ -69,16 +70,16 @@ def _note_packed_source(weight: torch.Tensor) -> None:
 
 
 def _made_once(module: nn.Module, slot: str, weight: torch.Tensor, dtype: torch.dtype, make: Callable) -> Any:
-    """`make()`, a packed form of `weight` in `dtype`, made once per weight and dtype (`_source_key`) and kept on
-    `module` under `slot` (not in its state_dict); the plain weight's pages go back to the OS afterwards
-    (`_note_packed_source`)."""
+    """`make()`, a packed form of `weight` in `dtype`, made once per weight and dtype (`_source_key`, its storage
+    still alive) and kept on `module` under `slot` (not in its state_dict); the plain weight's pages go back to
+    the OS afterwards (`_note_packed_source`)."""
     key = _source_key(weight, dtype)
     cached = getattr(module, slot, None)
-    if cached is None or cached[0] != key:
-        cached = (key, make())
+    if cached is None or cached[0] != key or cached[1].expired():
+        cached = (key, StorageWeakRef(weight.untyped_storage()), make())
         setattr(module, slot, cached)
         _note_packed_source(weight)
-    return cached[1]
+    return cached[2]
 
 
 def _packed(
@@ -171,15 +172,59 @@ def is_plain_3x3(conv: nn.Conv2d) -> bool:
     return plain and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.padding_mode == "zeros"
 
 
-class MatmulConv2d(nn.Conv2d):
+class PackedConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict) that on the CPU convolves channels_last maps in bf16 (weights
+    packed in bf16, `packed_dtypes`) through oneDNN with its kernels prepacked once in oneDNN's blocked layout
+    (`_made_once`), instead of reordered at every call: 0.56-0.96x the time of torch's bf16 convolution on the
+    UNet's shapes with AMX, with the same numbers (BENCHMARKS.md). Other inputs (fp32, where prepacking measured
+    slower on large maps, and NCHW maps) take nn.Conv2d's path. The output is channels_last."""
+
+    packed_dtypes: frozenset[torch.dtype] = frozenset()  # weights prepacked for oneDNN (`use_packed_linears`)
+
+    def _packed_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """bf16 when this call runs packed (`_product_dtype`) on a channels_last CPU map, else None."""
+        plain_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if x.ndim != 4 or not plain_padding or not x.is_contiguous(memory_format=torch.channels_last):
+            return None
+        dtype = _product_dtype(self, self.weight, x)
+        return dtype if dtype == torch.bfloat16 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C_in, H, W] -> [B, C_out, H', W']."""
+        dtype = self._packed_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.to(dtype), self._packed_kernels(dtype, x.shape), bias, *geometry, "none", [], ""
+        )
+
+    def _packed_kernels(self, dtype: torch.dtype, input_size: torch.Size) -> torch.Tensor:
+        """The kernels in `dtype` in oneDNN's blocked convolution layout, made once (`_made_once`; the layout
+        oneDNN picks for the first input's size serves every size, measured)."""
+
+        def make() -> torch.Tensor:
+            return torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach().to(dtype).contiguous(),
+                list(self.padding),
+                list(self.stride),
+                list(self.dilation),
+                self.groups,
+                list(input_size),
+            )
+
+        return _made_once(self, "_packed_kernels_slot", self.weight, dtype, make)
+
+
+class MatmulConv2d(PackedConv2d):
     """nn.Conv2d (same parameters and state_dict) that on the CPU runs 3x3 convolutions with at least
     `MATMUL_MIN_CHANNELS` input channels on maps of at most `MATMUL_MAX_PIXELS` pixels as one matrix product for
-    the whole batch (its pixels side by side); other inputs take nn.Conv2d's path. The output is contiguous in the
-    input's memory format (NCHW, or channels_last where the packed product runs)."""
+    the whole batch (its pixels side by side); other inputs take PackedConv2d's path. The output is contiguous in
+    the input's memory format (NCHW, or channels_last where the packed product runs)."""
 
     MATMUL_MAX_PIXELS = 64
     MATMUL_MIN_CHANNELS = 1024
-    packed_dtypes: frozenset[torch.dtype] = frozenset()  # weights prepacked for oneDNN (`use_packed_linears`)
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
         if self.in_channels < self.MATMUL_MIN_CHANNELS or x.shape[-2] * x.shape[-1] > self.MATMUL_MAX_PIXELS:
@@ -291,12 +336,19 @@ def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.T
     return out if (h, w) == out.shape[-2:] else out[..., :h, :w].contiguous(memory_format=layout)
 
 
+def winograd_pays(dtype: torch.dtype) -> bool:
+    """Whether Winograd's convolution beats oneDNN's in `dtype` on this CPU: in fp32, and in bf16 without AMX.
+    With AMX, oneDNN's prepacked bf16 convolution (`PackedConv2d`) takes 0.26-0.65x Winograd's time on the UNet's
+    shapes (BENCHMARKS.md)."""
+    return dtype != torch.bfloat16 or not cpu_has_amx()
+
+
 class WinogradConv2d(MatmulConv2d):
     """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions with at least
     `WINOGRAD_MIN_CHANNELS` input channels on maps of at most `WINOGRAD_MAX_PIXELS` pixels (those MatmulConv2d
     does not take) as Winograd's F(2x2, 3x3) (`winograd_conv3x3`): 16 packed products over 2x2 output tiles in
-    place of 9 taps a pixel, 2.25x fewer multiplications, for inference on the CPU in `packed_dtypes`. Other
-    inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
+    place of 9 taps a pixel, 2.25x fewer multiplications, for inference on the CPU in `packed_dtypes` where it
+    pays (`winograd_pays`). Other inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
 
     WINOGRAD_MIN_CHANNELS = 640
     WINOGRAD_MAX_PIXELS = 32 * 32
@@ -312,7 +364,7 @@ class WinogradConv2d(MatmulConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W] -> [B, C_out, H, W]."""
         dtype = _product_dtype(self, self.weight, x) if self._as_winograd(x) else None
-        if dtype is None:
+        if dtype is None or not winograd_pays(dtype):
             return super().forward(x)
         kernels = self._winograd_kernels(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -347,6 +399,17 @@ def use_matmul_convolutions(module: nn.Module) -> int:
             conv.__class__ = MatmulConv2d
             switched += 1
     return switched
+
+
+def use_packed_convolutions(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
+    """Make every other nn.Conv2d of `module` a `PackedConv2d` (in place: the same parameters) that packs weights
+    of `dtypes` (default: `packed_dtypes()`; it runs packed in bf16 only). Returns how many were switched."""
+    dtypes = packed_dtypes() if dtypes is None else frozenset(dtypes)
+    convs = [conv for conv in module.modules() if type(conv) is nn.Conv2d]
+    for conv in convs:
+        conv.__class__ = PackedConv2d
+        conv.packed_dtypes = dtypes
+    return len(convs)
 
 
 def _winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
@@ -462,7 +525,8 @@ def use_channels_last_decoder(decoder: Decoder) -> None:
 
 def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
     """Make every nn.Linear of `module` a `PackedLinear`, every GEGLU a `PackedGEGLU`, and let its
-    `MatmulConv2d`s prepack too (in place: the same parameters), for weights of `dtypes` (default:
+    `PackedConv2d`s (and so matmul and Winograd ones) prepack too (in place: the same parameters), for weights of
+    `dtypes` (default:
     `packed_dtypes()`). Returns how many layers were switched (GEGLUs not counted: their projections are)."""
     dtypes = packed_dtypes() if dtypes is None else frozenset(dtypes)
     switched = 0
@@ -471,7 +535,7 @@ def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None 
             layer.__class__ = PackedLinear
         if type(layer) is GEGLU:
             layer.__class__ = PackedGEGLU
-        if isinstance(layer, (PackedLinear, MatmulConv2d)):
+        if isinstance(layer, (PackedLinear, PackedConv2d)):
             layer.packed_dtypes = dtypes
             switched += 1
     if not any(hook is release_packed_sources for hook in module._forward_hooks.values()):
@@ -529,16 +593,16 @@ def use_blocked_attention(module: nn.Module) -> int:
 
 @contextmanager
 def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
-    """Around a conversion of `module` to bf16 (`low_precision`): its `PackedLinear`s and `MatmulConv2d`s (and so
-    `WinogradConv2d`s) that pack in bf16 keep their fp32 weight and bias, from which they pack under autocast
+    """Around a conversion of `module` to bf16 (`low_precision`): its `PackedLinear`s and `PackedConv2d`s (and so
+    matmul and Winograd ones) that pack in bf16 keep their fp32 weight and bias, from which they pack under autocast
     (`_product_dtype`): the same bf16 products (Winograd's kernels transformed from the fp32 weights), without a
     bf16 copy beside the packed one, and memory-mapped fp32 weights go back to the OS once packed. (Their plain
-    path, a convolution's on large maps, runs under autocast as well.) During the conversion they hold empty
+    path, a convolution's on NCHW maps, runs under autocast as well.) During the conversion they hold empty
     placeholders, so that it does not copy what is put back (1.2 s of a full-size UNet's preparation)."""
     kept = [
         (layer, layer.weight.data, None if layer.bias is None else layer.bias.data)
         for layer in module.modules()
-        if isinstance(layer, PackedLinear | MatmulConv2d)
+        if isinstance(layer, PackedLinear | PackedConv2d)
         and torch.bfloat16 in layer.packed_dtypes
         and layer.weight.dtype == torch.float32
     ]
@@ -569,16 +633,17 @@ def low_precision_with_fast_paths(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
-    """The CPU fast paths on a LatentDiffusion: with `unet`, matmul and (memory permitting, `winograd_fits`)
-    Winograd convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16
+    """The CPU fast paths on a LatentDiffusion: with `unet`, matmul, (memory permitting, `winograd_fits`)
+    Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16
     attention on CPUs with AVX512-BF16 but no AMX, channels_last in bf16 (a UNet that torch.compile will compile
     gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last in the VAE
-    decoder, in its large levels in fp32 and throughout in bf16."""
+    decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
         if winograd_fits(model.model.diffusion_model):
             use_winograd_convolutions(model.model.diffusion_model)
         if packed_dtypes():
+            use_packed_convolutions(model.model.diffusion_model)
             use_packed_linears(model.model.diffusion_model)
         if cpu_has_native_bf16() and not cpu_has_amx():
             use_blocked_attention(model.model.diffusion_model)
@@ -586,3 +651,4 @@ def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):
         use_channels_last_decoder(decoder)
+        use_packed_convolutions(decoder)
