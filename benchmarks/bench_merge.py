@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ldm.adapters.tensor_files import TensorSpec, write_safetensors  # noqa: E402
+from ldm.runtime.bf16 import cpu_identity  # noqa: E402
 
 MANIFEST = ROOT / "tests" / "data" / "sd-v1-state-dict-manifest.json"
 
@@ -47,13 +48,6 @@ def random_checkpoint(path: Path, seed: int) -> None:
         return (torch.randn(spec.shape, generator=generator) * 0.05).to(spec.dtype)
 
     write_safetensors(path, specs, tensor)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -87,7 +81,7 @@ def main() -> None:
             f"\n## Merging checkpoints (scripts/merge.py)\n\n"
             f"`python benchmarks/bench_merge.py`: three random full-size SD v1 checkpoints (all 1,143 tensors, "
             f"fp16 networks, {largest / 1e9:.2f} GB each), add difference `A + (B - C) * 1` into a fourth file, "
-            f"in a child process on {cpu_model()} ({platform.system()}).\n\n"
+            f"in a child process on {cpu_identity()[0]} ({platform.system()}).\n\n"
             f"| peak RSS of the merge | largest input | ratio | target | time |\n|---|---|---|---|---|\n"
             f"| {peak / 1e9:.2f} GB | {largest / 1e9:.2f} GB | {peak / largest:.2f}x | < 1.5x | {seconds:.0f} s |\n\n"
             "Inputs are read with positioned reads one tensor at a time (a memory map would count every touched "

@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -380,14 +379,10 @@ def bf16_step(ours, unet, c: torch.Tensor) -> dict:
 
 
 def cpu_flags() -> str:
-    """The CPU's model and which of the flags that decide its fast paths it has (Linux /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return machine()
-    flags = next(
-        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
-    )
+    """The CPU's model and which of the flags that decide its fast paths it has (`cpu_identity`)."""
+    from ldm.runtime.bf16 import cpu_identity
+
+    flags = cpu_identity()[2]
     named = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
     return f"{machine()}; {named}"
 
@@ -628,16 +623,10 @@ def sampling_table(results: dict) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ldm.runtime.bf16 import cpu_identity
+
     return (
-        f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+        f"{cpu_identity()[0]}, {os.cpu_count()} logical cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()})"
     )
 

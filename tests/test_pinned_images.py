@@ -8,8 +8,6 @@ rounding of the references.
 """
 
 import os
-import platform
-import re
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from ldm.runtime.bf16 import cpu_has_amx
+from ldm.runtime.bf16 import cpu_has_amx, cpu_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = ROOT / "tests" / "data" / "pinned"
@@ -67,13 +65,9 @@ def capability() -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's name and model number as /proc/cpuinfo gives them (the platform's processor string elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    fields = dict(re.findall(r"^(model name|model)\s*:\s*(.*)$", info, re.MULTILINE))
-    return f"{fields.get('model name', platform.processor())} model {fields.get('model', '?')}"
+    """The CPU's name and model number (`cpu_identity`)."""
+    name, model, _ = cpu_identity()
+    return f"{name} model {model}"
 
 
 @pytest.mark.parametrize("case", CASES)

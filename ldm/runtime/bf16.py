@@ -6,6 +6,10 @@ magnitude slower than fp32 (BENCHMARKS.md), which made `--precision autocast` th
 bf16: bf16 products with fp32 accumulation, which is what bf16 units compute, at fp32 speed. Everything else
 (elementwise ops, norms, softmax outside attention) runs in bf16 as before."""
 
+import platform
+import re
+from pathlib import Path
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -95,3 +99,15 @@ class Bf16ProductsInFp32(TorchDispatchMode):
         if isinstance(out, tuple):
             return (out[0].bfloat16(), *out[1:])
         return out.bfloat16()
+
+
+def cpu_identity() -> tuple[str, str, frozenset[str]]:
+    """The CPU's name, model number and flags as Linux's /proc/cpuinfo gives them (for benchmarks and pinned
+    references); elsewhere the platform's processor string, "?" and no flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU", "?", frozenset()
+    fields = dict(re.findall(r"^(model name|model|flags)\s*:\s*(.*)$", info, re.MULTILINE))
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    return name, fields.get("model", "?"), frozenset(fields.get("flags", "").split())
