@@ -155,7 +155,7 @@ def test_packed_conv_equals_torch_bf16_conv(c_in, kernel, stride, padding, size)
     assert use_packed_convolutions(conv, {torch.bfloat16}) == 1 and type(conv) is PackedConv2d
     with torch.inference_mode():
         packed, nchw = conv(x_last), conv(x)
-        assert hasattr(conv, "_packed_kernels_slot")  # the packed path ran
+        assert hasattr(conv, "_packed_conv")  # the packed path ran
         want = plain(x_last)
         conv.weight.mul_(2)
         doubled = conv(x_last)
@@ -166,7 +166,7 @@ def test_packed_conv_equals_torch_bf16_conv(c_in, kernel, stride, padding, size)
     use_packed_convolutions(fp32, {torch.bfloat16, torch.float32})
     with torch.no_grad():
         assert fp32(x_last.float()).equal(nn.Conv2d.forward(fp32, x_last.float()))  # fp32: torch's path
-    assert not hasattr(fp32, "_packed_kernels_slot")
+    assert not hasattr(fp32, "_packed_conv")
     x_last.requires_grad_()
     conv(x_last).float().sum().backward()  # autograd: torch's path
     assert x_last.grad is not None
@@ -183,7 +183,7 @@ def test_fp32_conv_packed_in_bf16_under_autocast_equals_autocasts_conv():
         plain = conv(x)
         use_packed_convolutions(conv, {torch.bfloat16})
         packed = conv(x)
-    assert conv.weight.dtype == torch.float32 and conv._packed_kernels_slot[-1].dtype == torch.bfloat16
+    assert conv.weight.dtype == torch.float32 and conv._packed_conv[-1].dtype == torch.bfloat16
     assert packed.dtype == torch.bfloat16 and packed.equal(plain)
 
 
@@ -201,7 +201,7 @@ def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
     with torch.inference_mode():
         out = conv(x)
         want = nn.Conv2d.forward(conv, x)
-    assert hasattr(conv, "_winograd_packed") != amx and hasattr(conv, "_packed_kernels_slot") == amx
+    assert hasattr(conv, "_winograd_packed") != amx and hasattr(conv, "_packed_conv") == amx
     if amx:
         assert out.equal(want)
     else:

@@ -12,6 +12,7 @@ from adapters_common import diffusers_twin, inputs, outputs_diffusers, outputs_o
 from ldm.adapters.diffusers_layout import KeyMap, Structure
 from ldm.adapters.lora import LoraSet, apply_loras, lora_hash, lora_hashes, parse_lora_arg
 from ldm.errors import UserError
+from ldm.runtime.bf16 import cpu_has_native_bf16
 
 # layers a LoRA of each kind touches: attention and feed-forward linears, 1x1 conv projections, 3x3 resnet convs
 # (LoCon), time-embedding linears, 1x1 shortcuts; q/v/out projections and the MLP of the text encoder
@@ -291,3 +292,36 @@ def test_lora_sets_switched_on_packed_layers_give_the_plain_models_eps(base):
             plain_set.use(loras, verbose=False)
             expected = plain.apply_model(x, t, c)
             torch.testing.assert_close(fast.apply_model(x, t, c), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 packs only on CPUs with bf16 units")
+def test_lora_sets_switched_on_packed_bf16_layers_give_a_fresh_models_eps(base):
+    """bf16 as the scripts run it on CPUs with bf16 units (fp32 sources packed in bf16, convolutions prepacked,
+    channels_last): after each switch of LoRA sets, exactly the eps of a model prepared afresh with that set."""
+    import copy
+
+    from ldm.runtime import precision_scope
+    from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
+    from ldm.runtime.memory import keep_freed_memory
+
+    model, _, folder = base
+    keep_freed_memory()
+
+    def prepared():
+        fresh = copy.deepcopy(model)
+        apply_cpu_fast_paths(fresh)
+        low_precision_with_fast_paths(fresh, torch.bfloat16)
+        return fresh
+
+    paths = [folder / "bf16_a.safetensors", folder / "bf16_b.safetensors"]
+    for seed, path in enumerate(paths):
+        random_kohya_lora(model, path, seed=20 + seed)
+    x, t, c = inputs()
+    fast = prepared()
+    fast_set = LoraSet(fast)
+    for loras in ([(paths[0], 1.0)], [(paths[1], 1.0)], [], [(paths[0], 0.5)], [(paths[1], 1.0)]):
+        fast_set.use(loras, verbose=False)
+        fresh = prepared()
+        LoraSet(fresh).use(loras, verbose=False)
+        with torch.inference_mode(), precision_scope("autocast", torch.device("cpu")):
+            assert fast.apply_model(x, t, c).equal(fresh.apply_model(x, t, c)), loras

@@ -216,7 +216,7 @@ class PackedConv2d(nn.Conv2d):
                 list(input_size),
             )
 
-        return _made_once(self, "_packed_kernels_slot", self.weight, dtype, make)
+        return _made_once(self, "_packed_conv", self.weight, dtype, make)
 
 
 class MatmulConv2d(PackedConv2d):
@@ -528,8 +528,8 @@ def use_channels_last_decoder(decoder: Decoder) -> None:
 def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
     """Make every nn.Linear of `module` a `PackedLinear`, every GEGLU a `PackedGEGLU`, and let its
     `PackedConv2d`s (and so matmul and Winograd ones) prepack too (in place: the same parameters), for weights of
-    `dtypes` (default:
-    `packed_dtypes()`). Returns how many layers were switched (GEGLUs not counted: their projections are)."""
+    `dtypes` (default: `packed_dtypes()`). Returns how many layers were switched (GEGLUs not counted: their
+    projections are)."""
     dtypes = packed_dtypes() if dtypes is None else frozenset(dtypes)
     switched = 0
     for layer in module.modules():
@@ -596,11 +596,11 @@ def use_blocked_attention(module: nn.Module) -> int:
 @contextmanager
 def fp32_sources_kept(module: nn.Module) -> Iterator[None]:
     """Around a conversion of `module` to bf16 (`low_precision`): its `PackedLinear`s and `PackedConv2d`s (and so
-    matmul and Winograd ones) that pack in bf16 keep their fp32 weight and bias, from which they pack under autocast
-    (`_product_dtype`): the same bf16 products (Winograd's kernels transformed from the fp32 weights), without a
-    bf16 copy beside the packed one, and memory-mapped fp32 weights go back to the OS once packed. (Their plain
-    path, a convolution's on NCHW maps, runs under autocast as well.) During the conversion they hold empty
-    placeholders, so that it does not copy what is put back (1.2 s of a full-size UNet's preparation)."""
+    matmul and Winograd ones) that pack in bf16 keep their fp32 weight and bias, from which they pack under
+    autocast (`_product_dtype`): the same bf16 products (Winograd's kernels transformed from the fp32 weights),
+    without a bf16 copy beside the packed one, and memory-mapped fp32 weights go back to the OS once packed.
+    (Their plain path, a convolution's on NCHW maps, runs under autocast as well.) During the conversion they hold
+    empty placeholders, so that it does not copy what is put back (1.2 s of a full-size UNet's preparation)."""
     kept = [
         (layer, layer.weight.data, None if layer.bias is None else layer.bias.data)
         for layer in module.modules()
@@ -636,10 +636,10 @@ def low_precision_with_fast_paths(model: nn.Module, dtype: torch.dtype) -> None:
 
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     """The CPU fast paths on a LatentDiffusion: with `unet`, matmul, (memory permitting, `winograd_fits`)
-    Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names and blocked bf16
-    attention on CPUs with AVX512-BF16 but no AMX, channels_last in bf16 (a UNet that torch.compile will compile
-    gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last in the VAE
-    decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions."""
+    Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names,
+    blocked bf16 attention on CPUs with AVX512-BF16 but no AMX, channels_last in bf16 (a UNet that torch.compile
+    will compile gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last
+    in the VAE decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
         if winograd_fits(model.model.diffusion_model):
