@@ -1,10 +1,11 @@
-"""bf16 matrix products on CPUs without bf16 units.
+"""bf16 matrix products on CPUs without bf16 units, and what the CPU has (`cpu_has_*`, `cpu_identity`).
 
 torch runs CPU bf16 matrix products and convolutions through oneDNN where the processor has bf16 instructions
 (AVX512-BF16, AMX) or AVX512 to emulate them. On an AVX2-only processor it falls back to plain loops, orders of
-magnitude slower than fp32 (BENCHMARKS.md), which made `--precision autocast` there unusable. `Bf16ProductsInFp32` computes those products in fp32 from the bf16 operands and rounds the result to
-bf16: bf16 products with fp32 accumulation, which is what bf16 units compute, at fp32 speed. Everything else
-(elementwise ops, norms, softmax outside attention) runs in bf16 as before."""
+magnitude slower than fp32 (BENCHMARKS.md), which made `--precision autocast` there unusable.
+`Bf16ProductsInFp32` computes those products in fp32 from the bf16 operands and rounds the result to bf16: bf16
+products with fp32 accumulation, which is what bf16 units compute, at fp32 speed. Everything else (elementwise
+ops, norms, softmax outside attention) runs in bf16 as before."""
 
 import platform
 import re
