@@ -177,11 +177,12 @@ def is_plain_3x3(conv: nn.Conv2d) -> bool:
 class PackedConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict) that on the CPU convolves channels_last maps in bf16 (weights
     packed in bf16, `packed_dtypes`) through oneDNN with its kernels prepacked once in oneDNN's blocked layout
-    (`_made_once`), instead of reordered at every call: 0.56-0.96x the time of torch's bf16 convolution on the
+    (`_made_once`), instead of reordered at every call: 0.54-0.98x the time of torch's bf16 convolution on the
     UNet's shapes with AMX, with the same numbers (BENCHMARKS.md). Other inputs (fp32, where prepacking measured
     slower on large maps, and NCHW maps) take nn.Conv2d's path. The output is channels_last."""
 
-    packed_dtypes: frozenset[torch.dtype] = frozenset()  # weights prepacked for oneDNN (`use_packed_linears`)
+    # weights prepacked for oneDNN (`use_packed_convolutions`, `use_packed_linears`)
+    packed_dtypes: frozenset[torch.dtype] = frozenset()
 
     def _packed_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """bf16 when this call runs packed (`_product_dtype`) on a channels_last CPU map, else None."""
@@ -340,7 +341,7 @@ def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.T
 
 def winograd_pays(dtype: torch.dtype) -> bool:
     """Whether Winograd's convolution beats oneDNN's in `dtype` on this CPU: in fp32, and in bf16 without AMX.
-    With AMX, oneDNN's prepacked bf16 convolution (`PackedConv2d`) takes 0.26-0.65x Winograd's time on the UNet's
+    With AMX, oneDNN's prepacked bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time on the UNet's
     shapes (BENCHMARKS.md)."""
     return dtype != torch.bfloat16 or not cpu_has_amx()
 
