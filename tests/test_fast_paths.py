@@ -2,6 +2,7 @@
 channels_last levels, prepacked bf16 weights, and all applied to a whole model."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -521,21 +522,40 @@ def test_packed_geglu_equals_geglu(dtype):
 
 @pytest.mark.parametrize("n, m, heads, d", [(300, 300, 2, 24), (64, 1030, 3, 40), (1100, 260, 1, 32)])
 def test_blocked_attention_equals_attention(n, m, heads, d):
-    """Blocks of queries, one head at a time, values padded to 16 columns (24 and 40 wide) or not (32): the flash
-    kernel's result up to float rounding (fp32 here, exactly the math of bf16)."""
+    """Blocks of queries, one head at a time, values padded to 16 columns (24 and 40 wide) or not (32), products
+    through oneDNN: exact attention up to fp32 rounding."""
     from ldm.modules.attention import attention
     from ldm.runtime.fast_paths import blocked_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, heads, n, d), torch.randn(2, heads, m, d), torch.randn(2, heads, m, d)
     scale = d**-0.5
-    torch.testing.assert_close(
-        blocked_attention(q, k, v, scale), attention(q, k, v, scale=scale), rtol=0, atol=2e-5
-    )
+    exact = attention(q.double(), k.double(), v.double(), scale=scale)
+    blocked = blocked_attention(q, k, v, scale)
+    assert blocked.dtype == torch.float32
+    torch.testing.assert_close(blocked.double(), exact, rtol=0, atol=2e-5)
 
 
 @needs_onednn_bf16
-def test_blocked_attention_layer_takes_bf16_self_attention_only():
+def test_blocked_attention_in_bf16_rounds_as_bf16_products():
+    """In bf16, each block is bf16 scores of q and the scaled keys, their softmax rounded to bf16, then its bf16
+    product with the values: torch's bf16 matrix products' numbers, within bf16 rounding of exact attention."""
+    from ldm.runtime.fast_paths import blocked_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 600, 40).bfloat16() for _ in range(3))
+    scale = 40**-0.5
+    expected = torch.softmax(q @ (k * scale).transpose(-1, -2), dim=-1) @ v
+    blocked = blocked_attention(q, k, v, scale)
+    assert blocked.dtype == torch.bfloat16
+    torch.testing.assert_close(blocked.float(), expected.float(), rtol=0, atol=0.02)
+    exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1) @ v.double()
+    assert (blocked.double() - exact).abs().max() < 0.05
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_blocked_attention_layer_takes_self_attention_in_its_dtypes_only(dtype):
     from ldm.modules.attention import CrossAttention
     from ldm.runtime.fast_paths import BlockedAttention, use_blocked_attention
 
@@ -544,49 +564,44 @@ def test_blocked_attention_layer_takes_bf16_self_attention_only():
         [CrossAttention(64, heads=4, dim_head=16), CrossAttention(64, 32, heads=4, dim_head=16)]
     )
     x, context = torch.randn(2, 300, 64), torch.randn(2, 77, 32)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         plain_self, plain_cross = layers[0](x), layers[1](x, context)
-        assert use_blocked_attention(layers) == 2 and type(layers[0]) is BlockedAttention
+        assert use_blocked_attention(layers, {dtype}) == 2 and type(layers[0]) is BlockedAttention
         calls = []
-        original = BlockedAttention.attend
-
-        def spy(self, q, k, v, mask):
-            calls.append(q.dtype == torch.bfloat16 and k.shape[-2] >= 256)
-            return original(self, q, k, v, mask)
-
-        BlockedAttention.attend = spy
-        try:
+        with mock.patch.object(fast_paths, "blocked_attention", wraps=fast_paths.blocked_attention) as spy:
             blocked_self, blocked_cross = layers[0](x), layers[1](x, context)
-        finally:
-            BlockedAttention.attend = original
-    assert calls == [
-        True,
-        False,
-    ]  # self-attention over 300 keys: blocked; 77 context tokens: the flash kernel
-    torch.testing.assert_close(
-        blocked_self.float(), plain_self.float(), rtol=0.02, atol=0.02
-    )  # bf16 rounding
+            calls.append(spy.call_count)
+            layers[0].blocked_dtypes = frozenset({torch.float16})  # not this call's dtype: the flash kernel
+            assert layers[0](x).equal(plain_self)
+            calls.append(spy.call_count)
+    assert calls == [1, 1]  # self-attention over 300 keys: blocked; 77 context tokens: the flash kernel
+    tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(blocked_self.float(), plain_self.float(), rtol=0, atol=tolerance)
     assert blocked_cross.equal(plain_cross)
     assert list(layers[0].state_dict()) == list(CrossAttention(64, heads=4, dim_head=16).state_dict())
 
 
 @pytest.mark.parametrize(
-    "native_bf16, amx, blocked",
+    "packed, amx, blocked",
     [
-        (True, False, True),
-        (True, True, False),
-        (False, False, False),
-    ],  # Zen 4; Sapphire Rapids; no bf16 units
+        ({torch.bfloat16, torch.float32}, False, {torch.bfloat16, torch.float32}),  # Zen 4 and 5
+        ({torch.float32}, False, {torch.float32}),  # AVX512 without bf16 units
+        ({torch.bfloat16, torch.float32}, True, None),  # Sapphire Rapids and later Xeons
+        (set(), False, None),  # AVX2 only
+    ],
 )
-def test_blocked_attention_only_on_bf16_units_without_amx(monkeypatch, native_bf16, amx, blocked):
-    """With AMX, torch's bf16 flash kernel is faster than the blocked one (512² bf16 step 1.13x, BENCHMARKS.md)."""
+def test_blocked_attention_without_amx_in_the_packed_dtypes(monkeypatch, packed, amx, blocked):
+    """With AMX, torch's bf16 flash kernel is faster than the blocked one (512² bf16 step 1.13x, BENCHMARKS.md);
+    without it, blocked attention takes the dtypes whose products run through oneDNN."""
     from types import SimpleNamespace
 
     from ldm.modules.attention import CrossAttention
     from ldm.runtime.fast_paths import BlockedAttention
 
-    monkeypatch.setattr(fast_paths, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(fast_paths, "packed_dtypes", lambda: frozenset(packed))
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
     unet = nn.Sequential(CrossAttention(64, heads=4, dim_head=16))
     apply_cpu_fast_paths(SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), first_stage_model=None))
-    assert (type(unet[0]) is BlockedAttention) == blocked
+    assert (type(unet[0]) is BlockedAttention) == (blocked is not None)
+    if blocked is not None:
+        assert unet[0].blocked_dtypes == blocked

@@ -15,8 +15,9 @@
   packed products, 2.25x fewer multiplications (not in bf16 with AMX, where the next one is faster).
 - `PackedConv2d`: the UNet's other convolutions in bf16 through oneDNN with prepacked kernels.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
-- `BlockedAttention`: on CPUs with AVX512-BF16 but no AMX, bf16 self-attention as matrix products over blocks of
-  queries, one head at a time, instead of torch's flash kernel (with AMX, the flash kernel is faster).
+- `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
+  torch's flash kernel: in bf16 on CPUs with AVX512-BF16 but no AMX (with AMX, the flash kernel is faster), in
+  fp32 on AVX512 CPUs without AMX.
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
@@ -551,45 +552,66 @@ BLOCKED_MIN_KEYS = 256  # shorter key sequences (the cross-attention's 77 tokens
 VALUE_WIDTH_MULTIPLE = 16  # blocked attention's values are padded to this many columns
 
 
+def onednn_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, K] @ weight [M, K]^T -> [N, M] as oneDNN's product in x's dtype (not MKL's, which torch picks for
+    fp32 and which runs its AVX2 code on AMD CPUs: 0.43x oneDNN's speed on Zen 5, BENCHMARKS.md)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale) v, q [B, H, N, d] over k, v [B, H, M, d] -> [B, H, N, d], as matrix products one
-    head and BLOCK_QUERIES queries at a time (each block's scores stay in cache). In bf16 on CPUs with bf16 units
-    this is faster than torch's flash kernel, which widens its products to fp32 there (BENCHMARKS.md). The keys
-    are made contiguous [d, M] and the values padded with zeros to a multiple of VALUE_WIDTH_MULTIPLE wide: oneDNN
-    takes 1.8x longer for the product with the SD's 40-wide values than with 48-wide ones."""
+    """softmax(q k^T * scale) v, q [B, H, N, d] over k, v [B, H, M, d] -> [B, H, N, d], as oneDNN products
+    (`onednn_product`) one head and BLOCK_QUERIES queries at a time (each block's scores stay in cache), in q's
+    dtype. Faster than torch's flash kernel in bf16 on CPUs with bf16 units but no AMX (the kernel widens its
+    products to fp32 there) and in fp32 on AVX512 CPUs (its products are MKL's). The values are padded with zeros
+    to a multiple of VALUE_WIDTH_MULTIPLE wide: oneDNN takes 1.8x longer for the product with the SD's 40-wide
+    values than with 48-wide ones (BENCHMARKS.md)."""
     b, h, n, d = q.shape
     q = q.reshape(b * h, n, d)
-    keys = (k.reshape(b * h, -1, d) * scale).transpose(1, 2).contiguous()  # [BH, d, M]
+    keys = k.reshape(b * h, -1, d) * scale  # [BH, M, d]
     width = -(-d // VALUE_WIDTH_MULTIPLE) * VALUE_WIDTH_MULTIPLE
-    v = F.pad(v.reshape(b * h, -1, d), (0, width - d))  # [BH, M, width]
+    values = F.pad(v.reshape(b * h, -1, d), (0, width - d)).transpose(1, 2).contiguous()  # [BH, width, M]
     out = q.new_empty(b * h, n, width)
     for head in range(b * h):
         for start in range(0, n, BLOCK_QUERIES):
             rows = slice(start, start + BLOCK_QUERIES)
-            scores = torch.mm(q[head, rows], keys[head])  # [block, M]
-            torch.mm(torch.softmax(scores, dim=-1), v[head], out=out[head, rows])
+            scores = onednn_product(q[head, rows], keys[head])  # [block, M]
+            out[head, rows] = onednn_product(torch.softmax(scores, dim=-1), values[head])
     return out[..., :d].view(b, h, n, d)
 
 
 class BlockedAttention(CrossAttention):
-    """CrossAttention (same parameters and state_dict) whose unmasked bf16 attention over at least
-    BLOCKED_MIN_KEYS keys on the CPU runs as `blocked_attention`; anything else as CrossAttention does."""
+    """CrossAttention (same parameters and state_dict) whose unmasked attention over at least BLOCKED_MIN_KEYS
+    keys on the CPU runs as `blocked_attention` in `blocked_dtypes`; anything else as CrossAttention does."""
+
+    blocked_dtypes: frozenset[torch.dtype] = frozenset()
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        blocked = q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] >= BLOCKED_MIN_KEYS
+        blocked = (
+            q.dtype in self.blocked_dtypes and q.device.type == "cpu" and k.shape[-2] >= BLOCKED_MIN_KEYS
+        )
         if not blocked or mask is not None or self.chunk is not None:
             return super().attend(q, k, v, mask)
         return blocked_attention(q, k, v, self.scale)
 
 
-def use_blocked_attention(module: nn.Module) -> int:
-    """Make every CrossAttention of `module` a `BlockedAttention` (in place). Returns how many were switched."""
+def blocked_attention_dtypes() -> frozenset[torch.dtype]:
+    """The dtypes whose self-attention runs blocked (`blocked_attention`) on this CPU: those packed
+    (`packed_dtypes`: bf16 with bf16 units, fp32 with AVX512), except with AMX, where torch's flash kernel was
+    faster in bf16 (fp32 there is not measured)."""
+    return frozenset() if cpu_has_amx() else packed_dtypes()
+
+
+def use_blocked_attention(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
+    """Make every CrossAttention of `module` a `BlockedAttention` (in place) for `dtypes` (default:
+    `blocked_attention_dtypes()`). Returns how many were switched."""
+    dtypes = blocked_attention_dtypes() if dtypes is None else frozenset(dtypes)
     switched = 0
     for layer in module.modules():
         if type(layer) is CrossAttention:
             layer.__class__ = BlockedAttention
+            layer.blocked_dtypes = dtypes
             switched += 1
     return switched
 
@@ -638,7 +660,7 @@ def low_precision_with_fast_paths(model: nn.Module, dtype: torch.dtype) -> None:
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     """The CPU fast paths on a LatentDiffusion: with `unet`, matmul, (memory permitting, `winograd_fits`)
     Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names,
-    blocked bf16 attention on CPUs with AVX512-BF16 but no AMX, channels_last in bf16 (a UNet that torch.compile
+    blocked attention where it pays (`blocked_attention_dtypes`), channels_last in bf16 (a UNet that torch.compile
     will compile gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last
     in the VAE decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions."""
     if unet:
@@ -648,7 +670,7 @@ def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
         if packed_dtypes():
             use_packed_convolutions(model.model.diffusion_model)
             use_packed_linears(model.model.diffusion_model)
-        if cpu_has_native_bf16() and not cpu_has_amx():
+        if blocked_attention_dtypes():
             use_blocked_attention(model.model.diffusion_model)
         use_channels_last_in_bf16(model.model.diffusion_model)
     decoder = getattr(model.first_stage_model, "decoder", None)
