@@ -443,8 +443,12 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
     from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
     from ldm.runtime.memory import keep_freed_memory
 
-    model = load_model_from_config(OmegaConf.load(CONFIG), str(path), verbose=False)
-    model.cond_stage_model = model.first_stage_model.encoder = None
+    def load():
+        loaded = load_model_from_config(OmegaConf.load(CONFIG), str(path), verbose=False)
+        loaded.cond_stage_model = loaded.first_stage_model.encoder = None
+        return loaded
+
+    model = load()
     keep_freed_memory()
     torch.manual_seed(0)
     c = torch.randn(2, 77, 768)
@@ -457,8 +461,12 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
         ov = openvino_peer(model, example, z)  # plain layers, before our fast paths
         results["openvino_convert_compile_s"] = time.perf_counter() - start
         apply_cpu_fast_paths(model)
-        bf16 = copy.deepcopy(model)
-        low_precision_with_fast_paths(bf16, torch.bfloat16)  # as the scripts prepare a bf16 run
+        # as the scripts prepare a bf16 run: from the memory-mapped checkpoint (a copy of the fp32 model would
+        # hold the fp32 weights that the packed layers keep in anonymous memory, 3 GB more, and crowd the page
+        # cache that both models' plain weights are read from)
+        bf16 = load()
+        apply_cpu_fast_paths(bf16)
+        low_precision_with_fast_paths(bf16, torch.bfloat16)
         cpu = torch.device("cpu")
 
         def autocast(fn):

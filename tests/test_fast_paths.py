@@ -554,6 +554,33 @@ def test_blocked_attention_in_bf16_rounds_as_bf16_products():
 
 
 @needs_onednn_bf16
+def test_blocked_bf16_attention_takes_exp_of_bounded_scores_and_the_softmax_of_others():
+    """Heads whose scores are bounded below EXP_SCORE_LIMIT (|q_i| |k_j|) weigh the values by exp(scores) and
+    divide by the sums the ones column gives; a head with scores of up to ~150, whose exp overflows bf16, takes
+    the softmax. Both finite, within bf16 rounding of attention over their bf16 scores."""
+    from ldm.runtime.fast_paths import EXP_SCORE_LIMIT, _exp_without_maximum, blocked_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 3, 600, 40) for _ in range(3))
+    q[0, 1] *= 30  # head 1's scores reach ~150: exp(150) is inf in bf16
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    scale = 40**-0.5
+    keys = k[0] * scale
+    assert (q[0, 1].float() @ keys[0].float().t()).abs().max() > 100
+    assert _exp_without_maximum(q[0], keys) == [True, False, True]
+    assert not _exp_without_maximum(q[0].float(), keys.float())[0]  # fp32: always the softmax
+    bound = q[0, 0].float().norm(dim=-1).amax() * keys[0].float().norm(dim=-1).amax()
+    assert bound < EXP_SCORE_LIMIT
+    blocked = blocked_attention(q, k, v, scale).double()
+    assert torch.isfinite(blocked).all()
+    exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1) @ v.double()
+    assert (blocked - exact)[:, [0, 2]].abs().max() < 0.05
+    # head 1's bf16 scores are off by up to half a unit (at 128): compare with the softmax of those bf16 scores
+    bf16_math = torch.softmax(q @ (k * scale).transpose(-1, -2), dim=-1) @ v
+    assert (blocked - bf16_math.double())[:, 1].abs().max() < 0.05
+
+
+@needs_onednn_bf16
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_blocked_attention_layer_takes_self_attention_in_its_dtypes_only(dtype):
     from ldm.modules.attention import CrossAttention
