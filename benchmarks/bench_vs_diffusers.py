@@ -267,15 +267,22 @@ def timed(fn, reps: int, sync=lambda: None) -> float:
     return (time.perf_counter() - start) / reps
 
 
+# seconds of rest before each timed call of `alternate`: right after an OpenVINO call, ours ran ~7% slower (0.54
+# -> 0.58 s a 256² bf16 step, OpenVINO's unchanged), its worker threads still busy on the two cores
+PAUSE_S = 0.3
+
+
 def alternate(fns: dict, reps: int, warmup: bool = True) -> dict:
     """Median seconds per call of each function, calls interleaved (order flipped each round) so that
-    machine drift hits both alike; one warm-up call each first unless `warmup` is False."""
+    machine drift hits both alike, each after PAUSE_S of rest; one warm-up call each first unless `warmup` is
+    False."""
     for fn in fns.values() if warmup else ():
         fn()
     times = {name: [] for name in fns}
     names = list(fns)
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
+            time.sleep(PAUSE_S)
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
