@@ -17,7 +17,7 @@
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
 - `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
   torch's flash kernel: in bf16 on CPUs with AVX512-BF16 but no AMX (with AMX, the flash kernel is faster), in
-  fp32 on AVX512 CPUs without AMX.
+  fp32 on AVX512 CPUs without AMX (measured on AMD, where torch's fp32 products are MKL's AVX2 code).
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
