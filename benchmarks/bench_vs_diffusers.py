@@ -267,8 +267,8 @@ def timed(fn, reps: int, sync=lambda: None) -> float:
     return (time.perf_counter() - start) / reps
 
 
-# seconds of rest before each timed call of `alternate`: right after an OpenVINO call, ours ran ~7% slower (0.54
-# -> 0.58 s a 256² bf16 step, OpenVINO's unchanged), its worker threads still busy on the two cores
+# seconds of rest before each timed call of `alternate`: in one check, ours ran ~7% slower right after an OpenVINO
+# call (0.54 -> 0.58 s a 256² bf16 step, OpenVINO's unchanged), as if its worker threads were still busy
 PAUSE_S = 0.3
 
 
