@@ -119,13 +119,19 @@ def _product_dtype(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> 
     return dtype if dtype in module.packed_dtypes else None
 
 
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [M, K]^T (+ bias [M]) -> [..., M] as oneDNN's product in x's dtype, `weight` plain or
+    packed for oneDNN (`_packed`); not MKL's, which torch picks for fp32 and which runs its AVX2 code on AMD CPUs
+    (0.43x oneDNN's speed on Zen 5, BENCHMARKS.md)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) in `dtype`, the weight given `packed` for oneDNN in `dtype` (see `_packed`).
     x [..., in] -> [..., out]."""
-    bias = None if bias is None else bias.to(dtype)
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), packed, bias, "none", [], "")
+    return onednn_product(x.to(dtype), packed, None if bias is None else bias.to(dtype))
 
 
 class PackedLinear(nn.Linear):
@@ -375,9 +381,7 @@ class WinogradConv2d(MatmulConv2d):
 
         def products(tiles: torch.Tensor) -> torch.Tensor:
             return torch.stack([
-                torch.ops.mkldnn._linear_pointwise(
-                    tiles[k], kernels[k], bias if k == BIAS_POSITION else None, "none", [], ""
-                )
+                onednn_product(tiles[k], kernels[k], bias if k == BIAS_POSITION else None)
                 for k in range(16)
             ])  # fmt: skip
 
@@ -553,12 +557,6 @@ VALUE_WIDTH_MULTIPLE = 16  # blocked attention's values (and their sum column) a
 # a head whose scores all lie within ±EXP_SCORE_LIMIT takes exp(scores) without subtracting each row's maximum:
 # exp stays within bf16's and fp32's normal range (1e-28..1e28), and sums of up to 1e10 keys within fp32's
 EXP_SCORE_LIMIT = 64.0
-
-
-def onednn_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [N, K] @ weight [M, K]^T -> [N, M] as oneDNN's product in x's dtype (not MKL's, which torch picks for
-    fp32 and which runs its AVX2 code on AMD CPUs: 0.43x oneDNN's speed on Zen 5, BENCHMARKS.md)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def _exp_without_maximum(q: torch.Tensor, keys: torch.Tensor) -> list[bool]:
