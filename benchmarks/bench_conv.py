@@ -1,11 +1,12 @@
 """What the CPU convolution paths of `ldm.runtime.fast_paths` gain over torch's own (oneDNN) convolution: the
 matrix product of `MatmulConv2d` (wide layers on <= 64-pixel maps) and Winograd's F(2x2, 3x3) of `WinogradConv2d`
-(>= 640 channels on <= 32x32 maps), for the SD v1 UNet's convolution shapes in fp32 and bf16 (errors against
-fp64), then the whole UNet step with each path switched off.
+(where `winograd_pays` on this CPU), for the SD v1 UNet's convolution shapes and two of the VAE decoder's in fp32
+and bf16 (errors against fp64), then the whole UNet step with each path switched off.
 
     python benchmarks/bench_conv.py [--workdir /tmp/sdbench] [--reps 3] [--threads N]
 
-The paths run where `packed_dtypes()` packs (AVX512 for fp32, bf16 units for bf16); elsewhere a row says so. The
+The paths run where `packed_dtypes()` packs (AVX2 or AVX512 for fp32, bf16 units for bf16); elsewhere a row
+says so. The
 UNet step uses the random-weights checkpoint that bench_vs_diffusers.py saves, prepared as the scripts prepare it
 (bf16: fp32 sources kept, autocast); timings interleave the variants.
 """
@@ -31,10 +32,12 @@ from ldm.runtime.fast_paths import (  # noqa: E402
 )
 
 # (input channels, output channels, map side) of the UNet's 3x3 convolutions: 4x4 and 8x8 (matrix products at
-# 256²), 16x16 and 32x32 (Winograd), 64x64 (torch's, for comparison)
+# 256² with AVX512), 16x16 and 32x32 (Winograd), 64x64 (torch's with AVX512); then the VAE decoder's 512-channel
+# 64x64 and 128x128 levels (Winograd with AVX2 only)
 SHAPES = [
     (1280, 1280, 4), (2560, 1280, 8), (1280, 1280, 8), (640, 640, 16), (1920, 640, 16), (1280, 1280, 16),
-    (2560, 1280, 16), (640, 640, 32), (1920, 640, 32), (1280, 1280, 32), (640, 320, 64),
+    (2560, 1280, 16), (320, 320, 32), (640, 640, 32), (1920, 640, 32), (1280, 1280, 32), (640, 320, 64),
+    (320, 320, 64), (512, 512, 64), (512, 512, 128),
 ]  # fmt: skip
 
 
@@ -44,7 +47,7 @@ def conv_row(c_in: int, c_out: int, side: int, dtype: torch.dtype, reps: int) ->
     conv = WinogradConv2d(c_in, c_out, 3, padding=1).to(dtype)
     conv.packed_dtypes = packed_dtypes()
     x = torch.randn(2, c_in, side, side).to(dtype)
-    path = "matmul" if conv._as_matmul(x) else "winograd" if conv._as_winograd(x) else "torch"
+    path = "winograd" if conv._as_winograd(x, dtype) else "matmul" if conv._as_matmul(x) else "torch"
     label = f"| {str(dtype)[6:]} 3x3 {c_in}->{c_out} at {side}x{side} | {path}"
     if path != "torch" and dtype not in conv.packed_dtypes:
         return f"{label} | not packed on this CPU | | | | |"
@@ -72,7 +75,7 @@ def unet_rows(models: dict, size: int, reps: int) -> list[str]:
 
         def step(variant: str, unet=unet, name=name) -> torch.Tensor:
             MatmulConv2d._as_matmul = as_matmul if variant != "torch" else lambda self, x: False
-            WinogradConv2d._as_winograd = as_winograd if variant == "all" else lambda self, x: False
+            WinogradConv2d._as_winograd = as_winograd if variant == "all" else lambda self, x, dtype: False
             try:
                 with precision_scope("autocast" if name == "bf16" else "full", torch.device("cpu")):
                     return unet.apply_model(x, t, c).float()

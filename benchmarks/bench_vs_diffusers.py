@@ -397,9 +397,9 @@ def cpu_flags() -> str:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
-def openvino_peer(model, example: tuple, z: torch.Tensor) -> dict[str, dict]:
+def openvino_peer(model, example: tuple, z: torch.Tensor, hints: tuple[str, ...]) -> dict[str, dict]:
     """OpenVINO models compiled from our fp32 UNet and VAE decoder (`openvino.convert_model`, traced on the example
-    inputs), each at inference precision f32 and at OpenVINO's default (bf16 where the CPU has bf16 units); as
+    inputs), each at the inference precisions `hints`: f32, OpenVINO's default (bf16 where the CPU has bf16 units); as
     many threads as torch. No compiled-model cache: OpenVINO 2026.4 gives the f32 and the default compile of one
     model the same cache entry, and on an AMX CPU the default one then crashes (segfault) on the f32 blob.
     Returns {"unet" | "vae": {"f32" | "default": fn}}."""
@@ -421,7 +421,7 @@ def openvino_peer(model, example: tuple, z: torch.Tensor) -> dict[str, dict]:
     ):
         converted = ov.convert_model(module, example_input=inputs)
         peers[name] = {}
-        for hint in ("f32", "default"):
+        for hint in hints:
             config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
             if hint == "f32":
                 config["INFERENCE_PRECISION_HINT"] = "f32"
@@ -441,12 +441,14 @@ def openvino_peer(model, example: tuple, z: torch.Tensor) -> dict[str, dict]:
 
 def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
     """In one process, interleaved: UNet step (batch 2) at `sizes` and VAE decode 256² of ours fp32, ours bf16
-    (`--precision autocast`), OpenVINO f32 and OpenVINO default; max |eps - ours fp32| of each. The text encoder
-    and VAE encoder are dropped (random conditioning) to fit the machine's memory."""
+    (`--precision autocast`), OpenVINO f32 and OpenVINO default; max |eps - ours fp32| of each. On a CPU without
+    bf16 units, where `--precision auto` and OpenVINO's default both run fp32, only ours fp32 and OpenVINO f32.
+    The text encoder and VAE encoder are dropped (random conditioning) to fit the machine's memory."""
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import load_model_from_config
     from ldm.runtime import precision_scope
+    from ldm.runtime.bf16 import cpu_has_native_bf16
     from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
     from ldm.runtime.memory import keep_freed_memory
 
@@ -465,36 +467,35 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
     results: dict = {"cpu": cpu_flags(), "load_1min": [os.getloadavg()[0]]}
     with torch.inference_mode():
         start = time.perf_counter()
-        ov = openvino_peer(model, example, z)  # plain layers, before our fast paths
+        bf16_units = cpu_has_native_bf16()
+        hints = ("f32", "default") if bf16_units else ("f32",)
+        ov = openvino_peer(model, example, z, hints)  # plain layers, before our fast paths
         results["openvino_convert_compile_s"] = time.perf_counter() - start
         apply_cpu_fast_paths(model)
-        # as the scripts prepare a bf16 run: from the memory-mapped checkpoint (a copy of the fp32 model would
-        # hold the fp32 weights that the packed layers keep in anonymous memory, 3 GB more, and crowd the page
-        # cache that both models' plain weights are read from)
-        bf16 = load()
-        apply_cpu_fast_paths(bf16)
-        low_precision_with_fast_paths(bf16, torch.bfloat16)
-        cpu = torch.device("cpu")
-
-        def autocast(fn):
-            def run(*args):
-                with precision_scope("autocast", cpu):
-                    return fn(*args).float()
-
-            return run
-
-        unets = {
-            "ours fp32": model.apply_model,
-            "ours bf16": autocast(bf16.apply_model),
-            "OpenVINO f32": ov["unet"]["f32"],
-            "OpenVINO default": ov["unet"]["default"],
-        }
+        unets = {"ours fp32": model.apply_model, "OpenVINO f32": ov["unet"]["f32"]}
         decoders = {
             "ours fp32": model.decode_first_stage,
-            "ours bf16": autocast(bf16.decode_first_stage),
             "OpenVINO f32": lambda z: ov["vae"]["f32"](z / model.scale_factor),
-            "OpenVINO default": lambda z: ov["vae"]["default"](z / model.scale_factor),
         }
+        if bf16_units:
+            # as the scripts prepare a bf16 run: from the memory-mapped checkpoint (a copy of the fp32 model would
+            # hold the fp32 weights that the packed layers keep in anonymous memory, 3 GB more, and crowd the
+            # page cache that both models' plain weights are read from)
+            bf16 = load()
+            apply_cpu_fast_paths(bf16)
+            low_precision_with_fast_paths(bf16, torch.bfloat16)
+            cpu = torch.device("cpu")
+
+            def autocast(fn):
+                def run(*args):
+                    with precision_scope("autocast", cpu):
+                        return fn(*args).float()
+
+                return run
+
+            unets.update({"ours bf16": autocast(bf16.apply_model), "OpenVINO default": ov["unet"]["default"]})
+            decoders["ours bf16"] = autocast(bf16.decode_first_stage)
+            decoders["OpenVINO default"] = lambda z: ov["vae"]["default"](z / model.scale_factor)
         for size in sizes:
             x = torch.randn(2, 4, size // 8, size // 8)
             fns = {name: lambda fn=fn, x=x: fn(x, t, c) for name, fn in unets.items()}
@@ -535,7 +536,7 @@ def peers_table(results: dict, sizes: tuple[int, ...]) -> str:
     load = ", ".join(f"{v:.1f}" for v in results["load_1min"])
     return (
         f"CPU: {results['cpu']}. 1-minute load average during the run: {load}. OpenVINO convert + compile "
-        f"(4 models): "
+        f"({2 * (len(names) // 2)} models): "
         f"{results['openvino_convert_compile_s']:.0f} s.\n\n" + "\n".join(rows)
     )
 

@@ -33,9 +33,11 @@ from ldm.runtime.fast_paths import (
 )
 from ldm.runtime.memory import low_precision
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch has no oneDNN")
 needs_onednn_bf16 = pytest.mark.skipif(
     not cpu_has_fast_bf16(), reason="oneDNN has no bf16 kernels on this CPU"
 )
+BF16 = pytest.param(torch.bfloat16, marks=needs_onednn_bf16)  # a bf16 case of a test that runs in fp32 too
 
 
 @pytest.mark.parametrize(
@@ -92,10 +94,14 @@ def test_use_matmul_convolutions_switches_only_wide_3x3_layers_and_keeps_the_num
         torch.testing.assert_close(net(x), plain, rtol=0, atol=1e-4)
 
 
-@needs_onednn_bf16
+@needs_onednn
 @pytest.mark.parametrize(
     "dtype, size, bias",
-    [(torch.float32, (16, 16), True), (torch.float32, (9, 14), False), (torch.bfloat16, (12, 12), True)],
+    [
+        (torch.float32, (16, 16), True),
+        (torch.float32, (9, 14), False),
+        pytest.param(torch.bfloat16, (12, 12), True, marks=needs_onednn_bf16),
+    ],
 )
 def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias):
     """F(2x2, 3x3) over packed products (odd sides padded and cropped): torch's convolution, with an error against
@@ -113,7 +119,7 @@ def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias):
         )
         plain = conv(x)  # no packed dtypes yet: torch's path
         conv.packed_dtypes = frozenset({dtype})
-        assert conv._as_winograd(x)
+        assert conv._as_winograd(x, dtype)
         fast = conv(x)
         assert hasattr(conv, "_winograd_packed")  # the Winograd path ran
         last = conv(x.contiguous(memory_format=torch.channels_last))  # the same tiles and products
@@ -194,7 +200,9 @@ def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
     """With AMX, oneDNN's prepacked bf16 convolution beats Winograd's: a Winograd layer convolves its bf16 maps
     packed there (the same numbers as torch's), Winograd's elsewhere; fp32 takes Winograd's on either CPU."""
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
-    assert fast_paths.winograd_pays(torch.float32) and fast_paths.winograd_pays(torch.bfloat16) != amx
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    pays = [fast_paths.winograd_pays(dtype, 640, 8 * 8) for dtype in (torch.float32, torch.bfloat16)]
+    assert pays == [True, not amx]
     torch.manual_seed(0)
     conv = WinogradConv2d(640, 16, 3, padding=1).bfloat16()
     conv.packed_dtypes = frozenset({torch.bfloat16})
@@ -222,21 +230,46 @@ def test_winograd_kernels_are_g_g_gt_transformed_in_chunks(monkeypatch):
     assert fast_paths.winograd_weights(weight, torch.bfloat16).equal(got.bfloat16())
 
 
-def test_winograd_takes_only_wide_3x3_layers_on_small_maps():
+def test_winograd_takes_only_wide_3x3_layers():
     net = nn.Sequential(
         nn.Conv2d(640, 8, 3, padding=1),
-        nn.Conv2d(320, 8, 3, padding=1),  # narrow
+        nn.Conv2d(256, 8, 3, padding=1),
+        nn.Conv2d(128, 8, 3, padding=1),  # narrow
         nn.Conv2d(1280, 8, 1),  # 1x1
         nn.Conv2d(1280, 8, 3, stride=2, padding=1),  # a downsampling: stays nn.Conv2d (bf16 with the rest)
     )
     assert use_matmul_convolutions(net) == 0
-    assert use_winograd_convolutions(net) == 1 and type(net[0]) is WinogradConv2d
-    conv = net[0]
-    assert conv._as_winograd(torch.empty(2, 640, 32, 32)) and conv._as_winograd(torch.empty(1, 640, 8, 8))
-    assert not conv._as_winograd(torch.empty(2, 640, 64, 64))  # large maps: oneDNN's convolution is faster
-    wide = WinogradConv2d(1280, 8, 3, padding=1)
-    assert not wide._as_winograd(torch.empty(2, 1280, 8, 8))  # <= 64 pixels at 1024+ channels: one product
-    assert not WinogradConv2d(640, 8, 3, stride=2, padding=1)._as_winograd(torch.empty(2, 640, 16, 16))
+    assert use_winograd_convolutions(net, {torch.float32}) == 2
+    assert [type(conv) is WinogradConv2d for conv in net] == [True, True, False, False, False]
+    assert net[0].packed_dtypes == {torch.float32}
+
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
+    """AVX512 (Zen 4): from 640 channels on maps of up to 32x32, except the matmul path's (1024+ channels on up
+    to 64 pixels). AVX2 only (Zen 1, slow fp32 units): from 256 channels on maps of up to 128x128."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
+    avx2 = capability == "AVX2"
+    f32 = torch.float32
+    for c_in, side, avx512_pays, avx2_pays in [
+        (640, 32, True, True),
+        (640, 8, True, True),
+        (640, 64, False, True),  # larger maps: oneDNN's convolution is faster with AVX512
+        (512, 128, False, True),  # the VAE decoder's 128x128 level
+        (256, 256, False, False),
+        (320, 32, False, True),
+        (128, 32, False, False),
+        (1280, 8, False, True),  # <= 64 pixels at 1024+ channels: one product with AVX512
+        (1280, 16, True, True),
+    ]:
+        assert fast_paths.winograd_pays(f32, c_in, side * side) == (avx2_pays if avx2 else avx512_pays)
+        conv = WinogradConv2d(c_in, 8, 3, padding=1)
+        assert conv._as_winograd(torch.empty(2, c_in, side, side), f32) == (
+            avx2_pays if avx2 else avx512_pays
+        )
+    strided = WinogradConv2d(640, 8, 3, stride=2, padding=1)
+    assert not strided._as_winograd(torch.empty(2, 640, 16, 16), f32)
 
 
 def test_winograd_only_with_room_for_its_kernels(monkeypatch):
@@ -275,6 +308,31 @@ def test_decoder_top_levels_in_channels_last_equal_plain():
     assert fast.shape == (1, 3, 256, 256) and fast.is_contiguous() and 0.1 < plain.std() < 100
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)  # the fp32 bar for optimized paths
     assert small.shape == (1, 3, 64, 64)
+
+
+@needs_onednn
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_decoder_convolutions_as_winograd_with_avx2_only(monkeypatch, capability):
+    """With AVX2 only, the VAE decoder's 3x3 convolutions of >= 256 channels run as Winograd's (`winograd_pays`),
+    the plain decoder's image up to fp32 error; with AVX512, oneDNN's convolutions."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    decoder = Decoder(**small_ddconfig(ch=64, ch_mult=[1, 4], num_res_blocks=1)).eval()
+    randomize_(decoder, seed=0)
+    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain = decoder(z)
+        apply_cpu_fast_paths(SimpleNamespace(first_stage_model=SimpleNamespace(decoder=decoder)), unet=False)
+        fast = decoder(z)
+    convs = [
+        conv for conv in decoder.modules() if isinstance(conv, nn.Conv2d) and fast_paths.is_plain_3x3(conv)
+    ]
+    wide = [conv for conv in convs if conv.in_channels >= 256]
+    assert wide and all(type(conv) is WinogradConv2d for conv in wide)
+    assert all(hasattr(conv, "_winograd_packed") == (capability == "AVX2") for conv in wide)
+    assert fast.shape == (1, 3, 24, 24) and 0.1 < plain.std() < 100
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)  # the fp32 bar for optimized paths
 
 
 def test_apply_cpu_fast_paths_on_a_model_keeps_its_output(tiny_ldm):
@@ -348,10 +406,10 @@ def test_packed_bf16_linear_and_matmul_conv_equal_the_plain_bf16_layers():
         assert fp32(x.float()).equal(F.linear(x.float(), fp32.weight, fp32.bias))  # fp32: plain nn.Linear
 
 
-@needs_onednn_bf16
+@needs_onednn
 def test_packed_fp32_linear_and_matmul_conv_equal_the_plain_layers():
-    """fp32 weights prepacked for oneDNN (`packed_dtypes` has fp32 on AVX512 CPUs): the plain layers' numbers up to
-    the order of fp32 sums; autograd still takes the plain path."""
+    """fp32 weights prepacked for oneDNN (`packed_dtypes` has fp32 on AVX2 and AVX512 CPUs): the plain layers'
+    numbers up to the order of fp32 sums; autograd still takes the plain path."""
     torch.manual_seed(0)
     linear, conv = nn.Linear(320, 640), nn.Conv2d(1024, 64, 3, padding=1)
     x, maps = torch.randn(2, 77, 320), torch.randn(2, 1024, 8, 8)
@@ -373,11 +431,11 @@ def test_packed_dtypes_follow_the_cpu(monkeypatch):
     for capability, native_bf16, expected in [
         ("AVX512", True, {torch.bfloat16, torch.float32}),
         ("AVX512", False, {torch.float32}),
-        ("AVX2", False, set()),  # AVX2-only: MKL's fp32 products stay (no regression there)
+        ("AVX2", False, {torch.float32}),  # AVX2-only (Zen 1): 0.84-0.87x the UNet step with MKL's products
+        ("DEFAULT", False, set()),  # no oneDNN JIT kernels to speak of: plain layers
     ]:
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         monkeypatch.setattr(fast_paths, "cpu_has_native_bf16", lambda b=native_bf16: b)
-        monkeypatch.setattr(fast_paths, "cpu_has_fast_bf16", lambda: True)
         assert fast_paths.packed_dtypes() == expected
 
 
@@ -488,8 +546,8 @@ def test_fp32_linear_packed_in_bf16_under_autocast_equals_autocasts_linear():
     torch.testing.assert_close(packed, plain, rtol=0, atol=0)
 
 
-@needs_onednn_bf16
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_packed_geglu_equals_geglu(dtype):
     """Two packed products with GELU and the gating fused as post-ops: GEGLU's output (fp32: up to the order of
     sums; bf16: at least as close to the fp32 result as the plain bf16 layer), repacked when the weight changes,
@@ -580,8 +638,8 @@ def test_blocked_bf16_attention_takes_exp_of_bounded_scores_and_the_softmax_of_o
     assert (blocked - bf16_math.double())[:, 1].abs().max() < 0.05
 
 
-@needs_onednn_bf16
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@needs_onednn
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
 def test_blocked_attention_layer_takes_self_attention_in_its_dtypes_only(dtype):
     from ldm.modules.attention import CrossAttention
     from ldm.runtime.fast_paths import BlockedAttention, use_blocked_attention
@@ -609,22 +667,25 @@ def test_blocked_attention_layer_takes_self_attention_in_its_dtypes_only(dtype):
 
 
 @pytest.mark.parametrize(
-    "packed, amx, blocked",
+    "capability, packed, amx, blocked",
     [
-        ({torch.bfloat16, torch.float32}, False, {torch.bfloat16, torch.float32}),  # Zen 4 and 5
-        ({torch.float32}, False, {torch.float32}),  # AVX512 without bf16 units
-        ({torch.bfloat16, torch.float32}, True, None),  # Sapphire Rapids and later Xeons
-        (set(), False, None),  # AVX2 only
+        ("AVX512", {torch.bfloat16, torch.float32}, False, {torch.bfloat16, torch.float32}),  # Zen 4 and 5
+        ("AVX512", {torch.float32}, False, {torch.float32}),  # AVX512 without bf16 units
+        ("AVX512", {torch.bfloat16, torch.float32}, True, None),  # Sapphire Rapids and later Xeons
+        ("AVX2", {torch.float32}, False, None),  # AVX2 only (Zen 1)
+        ("DEFAULT", set(), False, None),
     ],
 )
-def test_blocked_attention_without_amx_in_the_packed_dtypes(monkeypatch, packed, amx, blocked):
-    """With AMX, torch's bf16 flash kernel is faster than the blocked one (512² bf16 step 1.13x, BENCHMARKS.md);
-    without it, blocked attention takes the dtypes whose products run through oneDNN."""
+def test_blocked_attention_without_amx_in_the_packed_dtypes(monkeypatch, capability, packed, amx, blocked):
+    """With AMX, torch's bf16 flash kernel is faster than the blocked one (512² bf16 step 1.13x, BENCHMARKS.md),
+    and with AVX2 only its fp32 one (1.03-1.06x); otherwise blocked attention takes the dtypes whose products
+    run through oneDNN."""
     from types import SimpleNamespace
 
     from ldm.modules.attention import CrossAttention
     from ldm.runtime.fast_paths import BlockedAttention
 
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(fast_paths, "packed_dtypes", lambda: frozenset(packed))
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
     unet = nn.Sequential(CrossAttention(64, heads=4, dim_head=16))

@@ -8,11 +8,13 @@
 - `PackedLinear`: linear layers (and those matmul convolutions) with their weight handed to oneDNN once in its
   blocked layout, in the dtypes `packed_dtypes` names for this CPU: bf16 where it has bf16 units (otherwise
   oneDNN reorders the whole weight at every call, which costs more than the product itself when few tokens pass
-  through the UNet's low levels), and fp32 on AVX512 CPUs, where oneDNN's fp32 products beat MKL's (on AMD, MKL
-  runs its AVX2 code). In a bf16 run they keep their fp32 weights and pack them in bf16 (`fp32_sources_kept`);
-  the plain weights' checkpoint pages go back to the OS once packed (`release_packed_sources`).
-- `WinogradConv2d`: wide 3x3 convolutions on the UNet's 16x16 and 32x32 maps as Winograd's F(2x2, 3x3) over
-  packed products, 2.25x fewer multiplications (not in bf16 with AMX, where the next one is faster).
+  through the UNet's low levels), and fp32 on x86 CPUs with AVX2 or AVX512, where oneDNN's fp32 products beat
+  MKL's (on AMD, MKL runs its AVX2 code) and Winograd's products need them. In a bf16 run they keep their fp32
+  weights and pack them in bf16 (`fp32_sources_kept`); the plain weights' checkpoint pages go back to the OS once
+  packed (`release_packed_sources`).
+- `WinogradConv2d`: wide 3x3 convolutions as Winograd's F(2x2, 3x3) over packed products, 2.25x fewer
+  multiplications, where it pays (`winograd_pays`): the UNet's 16x16 and 32x32 maps, and with AVX2 only nearly
+  all its maps and the VAE decoder's (not in bf16 with AMX, where the next one is faster).
 - `PackedConv2d`: the UNet's other convolutions in bf16 through oneDNN with prepacked kernels.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
 - `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
@@ -33,18 +35,18 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ldm.modules.attention import GEGLU, CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.runtime.bf16 import cpu_has_amx, cpu_has_fast_bf16, cpu_has_native_bf16
+from ldm.runtime.bf16 import cpu_has_amx, cpu_has_native_bf16
 from ldm.runtime.budget import available_bytes
 from ldm.runtime.memory import low_precision, release_tensor_pages
 
 
 def packed_dtypes() -> frozenset[torch.dtype]:
     """The weight dtypes whose linear layers run prepacked through oneDNN on this CPU (see the module docstring;
-    BENCHMARKS.md has the measurements): bf16 with bf16 units, fp32 with AVX512."""
+    BENCHMARKS.md has the measurements): bf16 with bf16 units, fp32 on x86 CPUs with AVX2 or AVX512."""
     dtypes = set()
     if cpu_has_native_bf16():
         dtypes.add(torch.bfloat16)
-    if cpu_has_fast_bf16() and torch.backends.cpu.get_cpu_capability() == "AVX512":
+    if torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         dtypes.add(torch.float32)
     return frozenset(dtypes)
 
@@ -346,35 +348,40 @@ def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.T
     return out if (h, w) == out.shape[-2:] else out[..., :h, :w].contiguous(memory_format=layout)
 
 
-def winograd_pays(dtype: torch.dtype) -> bool:
-    """Whether Winograd's convolution beats oneDNN's in `dtype` on this CPU: in fp32, and in bf16 without AMX.
-    With AMX, oneDNN's prepacked bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time on the UNet's
-    shapes (BENCHMARKS.md)."""
-    return dtype != torch.bfloat16 or not cpu_has_amx()
+WINOGRAD_MIN_CHANNELS = 256  # the fewest input channels any CPU takes Winograd's convolution for
+
+
+def winograd_pays(dtype: torch.dtype, in_channels: int, pixels: int) -> bool:
+    """Whether Winograd's convolution beats the other paths in `dtype` with `in_channels` on maps of `pixels` on
+    this CPU (BENCHMARKS.md has the measurements):
+    - with AVX2 only, from WINOGRAD_MIN_CHANNELS on maps of up to 128x128, the matmul path's included: fewer
+      multiplications pay for the transforms' memory traffic on such slow fp32 units (Zen 1: 0.47-0.86x the
+      time of oneDNN's convolution, 0.6-0.9x the matmul path's);
+    - else from 640 channels on maps of up to 32x32, those of the matmul path (`MatmulConv2d`) excepted (0.43-0.65x
+      oneDNN's convolution on Zen 4; larger maps 1.2-1.4x), and not in bf16 with AMX, where oneDNN's prepacked
+      bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return in_channels >= WINOGRAD_MIN_CHANNELS and pixels <= 128 * 128
+    if dtype == torch.bfloat16 and cpu_has_amx():
+        return False
+    as_matmul = in_channels >= MatmulConv2d.MATMUL_MIN_CHANNELS and pixels <= MatmulConv2d.MATMUL_MAX_PIXELS
+    return in_channels >= 640 and pixels <= 32 * 32 and not as_matmul
 
 
 class WinogradConv2d(MatmulConv2d):
-    """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions with at least
-    `WINOGRAD_MIN_CHANNELS` input channels on maps of at most `WINOGRAD_MAX_PIXELS` pixels (those MatmulConv2d
-    does not take) as Winograd's F(2x2, 3x3) (`winograd_conv3x3`): 16 packed products over 2x2 output tiles in
-    place of 9 taps a pixel, 2.25x fewer multiplications, for inference on the CPU in `packed_dtypes` where it
-    pays (`winograd_pays`). Other inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
+    """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions as Winograd's F(2x2, 3x3)
+    (`winograd_conv3x3`) where it pays on this CPU (`winograd_pays`): 16 packed products over 2x2 output tiles in
+    place of 9 taps a pixel, 2.25x fewer multiplications, for inference on the CPU in `packed_dtypes`. Other
+    inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
 
-    WINOGRAD_MIN_CHANNELS = 640
-    WINOGRAD_MAX_PIXELS = 32 * 32
-
-    def _as_winograd(self, x: torch.Tensor) -> bool:
-        if (
-            self.in_channels < self.WINOGRAD_MIN_CHANNELS
-            or x.shape[-2] * x.shape[-1] > self.WINOGRAD_MAX_PIXELS
-        ):
-            return False
-        return self._plain_3x3(x) and not self._as_matmul(x)
+    def _as_winograd(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the product of x [B, C_in, H, W] in `dtype` runs as Winograd's."""
+        return self._plain_3x3(x) and winograd_pays(dtype, self.in_channels, x.shape[-2] * x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W] -> [B, C_out, H, W]."""
-        dtype = _product_dtype(self, self.weight, x) if self._as_winograd(x) else None
-        if dtype is None or not winograd_pays(dtype):
+        dtype = _product_dtype(self, self.weight, x)
+        if dtype is None or not self._as_winograd(x, dtype):
             return super().forward(x)
         kernels = self._winograd_kernels(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -426,7 +433,7 @@ def _winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
         conv
         for conv in module.modules()
         if type(conv) in (nn.Conv2d, MatmulConv2d)
-        and conv.in_channels >= WinogradConv2d.WINOGRAD_MIN_CHANNELS
+        and conv.in_channels >= WINOGRAD_MIN_CHANNELS
         and is_plain_3x3(conv)
     ]
 
@@ -440,13 +447,17 @@ def winograd_fits(module: nn.Module) -> bool:
     return free is None or free >= 2 * kernels
 
 
-def use_winograd_convolutions(module: nn.Module) -> int:
+def use_winograd_convolutions(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
     """Make every plain 3x3 nn.Conv2d or MatmulConv2d of `module` wide enough for the Winograd path a
-    `WinogradConv2d` (in place: the same parameters); it runs once `use_packed_linears` names the dtypes to
-    pack. Returns how many were switched."""
+    `WinogradConv2d` (in place: the same parameters) that packs weights of `dtypes` (default: `packed_dtypes()`),
+    and hand the plain weights' pages back after each forward (`release_packed_sources`). Returns how many were
+    switched."""
+    dtypes = packed_dtypes() if dtypes is None else frozenset(dtypes)
     candidates = _winograd_candidates(module)
     for conv in candidates:
         conv.__class__ = WinogradConv2d
+        conv.packed_dtypes = dtypes
+    _release_after_forward(module)
     return len(candidates)
 
 
@@ -546,9 +557,14 @@ def use_packed_linears(module: nn.Module, dtypes: frozenset[torch.dtype] | None 
         if isinstance(layer, (PackedLinear, PackedConv2d)):
             layer.packed_dtypes = dtypes
             switched += 1
+    _release_after_forward(module)
+    return switched
+
+
+def _release_after_forward(module: nn.Module) -> None:
+    """`release_packed_sources` as a forward hook of `module`, once."""
     if not any(hook is release_packed_sources for hook in module._forward_hooks.values()):
         module.register_forward_hook(release_packed_sources)
-    return switched
 
 
 BLOCK_QUERIES = 512
@@ -614,10 +630,14 @@ class BlockedAttention(CrossAttention):
 
 
 def blocked_attention_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes whose self-attention runs blocked (`blocked_attention`) on this CPU: those packed
-    (`packed_dtypes`: bf16 with bf16 units, fp32 with AVX512), except with AMX, where torch's flash kernel was
-    faster in bf16 (fp32 there is not measured)."""
-    return frozenset() if cpu_has_amx() else packed_dtypes()
+    """The dtypes whose self-attention runs blocked (`blocked_attention`) on this CPU: bf16 with bf16 units and
+    fp32 with AVX512, both without AMX, where torch's flash kernel was faster in bf16 (fp32 there is not
+    measured). With AVX2 only, the flash kernel was faster in fp32 (BENCHMARKS.md)."""
+    if cpu_has_amx():
+        return frozenset()
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return packed_dtypes() - {torch.float32}
+    return packed_dtypes()
 
 
 def use_blocked_attention(module: nn.Module, dtypes: frozenset[torch.dtype] | None = None) -> int:
@@ -679,7 +699,8 @@ def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names,
     blocked attention where it pays (`blocked_attention_dtypes`), channels_last in bf16 (a UNet that torch.compile
     will compile gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last
-    in the VAE decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions."""
+    in the VAE decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions and
+    (memory permitting) Winograd's where it pays."""
     if unet:
         use_matmul_convolutions(model.model.diffusion_model)
         if winograd_fits(model.model.diffusion_model):
@@ -693,4 +714,6 @@ def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     decoder = getattr(model.first_stage_model, "decoder", None)
     if isinstance(decoder, Decoder):
         use_channels_last_decoder(decoder)
+        if winograd_fits(decoder):
+            use_winograd_convolutions(decoder)
         use_packed_convolutions(decoder)
