@@ -96,18 +96,20 @@ def test_use_matmul_convolutions_switches_only_wide_3x3_layers_and_keeps_the_num
 
 @needs_onednn
 @pytest.mark.parametrize(
-    "dtype, size, bias",
+    "dtype, size, bias, tiles",
     [
-        (torch.float32, (16, 16), True),
-        (torch.float32, (9, 14), False),
-        pytest.param(torch.bfloat16, (12, 12), True, marks=needs_onednn_bf16),
+        (torch.float32, (16, 16), True, fast_paths.F2X2),
+        (torch.float32, (9, 14), False, fast_paths.F2X2),
+        (torch.float32, (16, 16), True, fast_paths.F4X4),
+        (torch.float32, (9, 14), False, fast_paths.F4X4),  # sides not multiples of 4: zero rows, cropped
+        pytest.param(torch.bfloat16, (12, 12), True, fast_paths.F2X2, marks=needs_onednn_bf16),
     ],
 )
-def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias):
-    """F(2x2, 3x3) over packed products (odd sides padded and cropped): torch's convolution, with an error against
-    fp64 of the same order as torch's own (its transforms add and subtract); the plain path under autograd and
-    without packed dtypes; a changed weight is transformed again. (bf16 as on a CPU without AMX.)"""
-    monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
+def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias, tiles):
+    """F(2x2, 3x3) and F(4x4, 3x3) over packed products: torch's convolution, with an error against fp64 of the
+    same order as torch's own (the transforms add and subtract); the plain path under autograd and without packed
+    dtypes; a changed weight is transformed again. (bf16 as on a CPU without AMX.)"""
+    monkeypatch.setattr(fast_paths, "winograd_tiles", lambda *shape: tiles)
     torch.manual_seed(0)
     conv = WinogradConv2d(640, 48, 3, padding=1, bias=bias).to(dtype)
     reference = nn.Conv2d(640, 48, 3, padding=1, bias=bias).to(dtype)
@@ -119,9 +121,9 @@ def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias):
         )
         plain = conv(x)  # no packed dtypes yet: torch's path
         conv.packed_dtypes = frozenset({dtype})
-        assert conv._as_winograd(x, dtype)
+        assert conv._winograd_tiles(x, dtype) is tiles
         fast = conv(x)
-        assert hasattr(conv, "_winograd_packed")  # the Winograd path ran
+        assert hasattr(conv, f"_winograd{tiles.m}_packed")  # the Winograd path ran
         last = conv(x.contiguous(memory_format=torch.channels_last))  # the same tiles and products
         assert is_channels_last(last) and last.equal(fast)
         conv.weight.mul_(2)
@@ -129,10 +131,12 @@ def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias):
     assert fast.shape == plain.shape == exact.shape and fast.is_contiguous() and fast.dtype == dtype
     torch.testing.assert_close(plain, reference(x), rtol=0, atol=0)
     plain_error, fast_error = (plain.double() - exact).abs().max(), (fast.double() - exact).abs().max()
-    factor = (
-        4 if dtype == torch.float32 else 2.5
-    )  # measured: 2.6x (fp32: ~2e-6 of outputs ~1) and 1.7x (bf16)
+    # measured: F2X2 0.27-0.35x in fp32 (~1e-6 of outputs ~1), 1.7x in bf16; F4X4 1.8-2.6x
+    factor = 4 if dtype == torch.float32 else 2.5
     assert fast_error <= factor * plain_error, (fast_error, plain_error)
+    twice = 2 * fast.double() - (conv.bias.double()[:, None, None] if bias else 0)  # 2 W x + b
+    torch.testing.assert_close(doubled.double(), twice, rtol=0, atol=8 * fast_error.item())
+
     with torch.no_grad():
         twice = F.conv2d(
             x.double(), conv.weight.double(), None if not bias else conv.bias.double(), padding=1
@@ -201,8 +205,8 @@ def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
     packed there (the same numbers as torch's), Winograd's elsewhere; fp32 takes Winograd's on either CPU."""
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    pays = [fast_paths.winograd_pays(dtype, 640, 8 * 8) for dtype in (torch.float32, torch.bfloat16)]
-    assert pays == [True, not amx]
+    tiles = [fast_paths.winograd_tiles(dtype, 640, 16, 8 * 8) for dtype in (torch.float32, torch.bfloat16)]
+    assert tiles == [fast_paths.F2X2, None if amx else fast_paths.F2X2]
     torch.manual_seed(0)
     conv = WinogradConv2d(640, 16, 3, padding=1).bfloat16()
     conv.packed_dtypes = frozenset({torch.bfloat16})
@@ -210,24 +214,42 @@ def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
     with torch.inference_mode():
         out = conv(x)
         want = nn.Conv2d.forward(conv, x)
-    assert hasattr(conv, "_winograd_packed") != amx and hasattr(conv, "_packed_conv") == amx
+    assert hasattr(conv, "_winograd2_packed") != amx and hasattr(conv, "_packed_conv") == amx
     if amx:
         assert out.equal(want)
     else:
         torch.testing.assert_close(out.float(), want.float(), rtol=0.02, atol=0.05)
 
 
-def test_winograd_kernels_are_g_g_gt_transformed_in_chunks(monkeypatch):
-    """G g G^T for every kernel (Lavin & Gray's F(2x2, 3x3)), computed a few output channels at a time (the last
-    chunk shorter) and rounded to the asked dtype from the fp32 values."""
+@pytest.mark.parametrize("tiles", [fast_paths.F2X2, fast_paths.F4X4])
+def test_winograd_kernels_are_g_g_gt_transformed_in_chunks(monkeypatch, tiles):
+    """G g G^T for every kernel, computed a few output channels at a time (the last chunk shorter) and rounded to
+    the asked dtype."""
     monkeypatch.setattr(fast_paths, "WINOGRAD_CHUNK_KERNELS", 5 * 7)  # 5 output channels of 7 inputs a chunk
     weight = torch.randn(12, 7, 3, 3, generator=torch.Generator().manual_seed(0))
-    g = fast_paths.WINOGRAD_G.double()
-    want = torch.einsum("ij,ocjk,lk->iloc", g, weight.double(), g).reshape(16, 12, 7)
-    got = fast_paths.winograd_weights(weight)
+    g = tiles.g.double()
+    want = torch.einsum("ij,ocjk,lk->iloc", g, weight.double(), g).reshape(tiles.n**2, 12, 7)
+    got = fast_paths.winograd_weights(weight, torch.float32, tiles)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
-    assert fast_paths.winograd_weights(weight, torch.bfloat16).equal(got.bfloat16())
+    in_bf16 = fast_paths.winograd_weights(weight, torch.bfloat16, tiles)
+    torch.testing.assert_close(in_bf16.double(), want, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("tiles", [fast_paths.F2X2, fast_paths.F4X4])
+def test_winograd_tiles_compute_a_correlation(tiles):
+    """A^T [(G g) * (B^T d)] is the correlation of n inputs d with 3 taps g (m outputs), in fp64: the transcribed
+    matrices (F4X4's points 0, 1, -1, 2, -1/2, infinity; B^T in integers) are Winograd's."""
+    generator = torch.Generator().manual_seed(0)
+    d, g = (
+        torch.randn(tiles.n, 5, dtype=torch.float64, generator=generator),
+        torch.randn(3, 5, dtype=torch.float64),
+    )
+    got = tiles.at.double() @ ((tiles.g.double() @ g) * (tiles.bt.double() @ d))
+    want = torch.stack([sum(d[i + k] * g[k] for k in range(3)) for i in range(tiles.m)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    row, column = divmod(tiles.bias_position, tiles.n)  # summed once into every output: the bias goes there
+    assert tiles.at[:, row].eq(1).all() and tiles.at[:, column].eq(1).all()
 
 
 def test_winograd_takes_only_wide_3x3_layers():
@@ -246,39 +268,45 @@ def test_winograd_takes_only_wide_3x3_layers():
 
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
-    """AVX512 (Zen 4): from 640 channels on maps of up to 32x32, except the matmul path's (1024+ channels on up
-    to 64 pixels). AVX2 only (Zen 1, slow fp32 units): from 256 channels on maps of up to 128x128."""
+    """AVX512 (Zen 4): F(2x2) from 640 channels on maps of up to 32x32, except the matmul path's (1024+ channels
+    on up to 64 pixels). AVX2 only (Zen 1, slow fp32 units): from 256 channels on maps of up to 128x128, F(4x4)
+    from 16x16 on into up to 640 channels."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
-    avx2 = capability == "AVX2"
-    f32 = torch.float32
-    for c_in, side, avx512_pays, avx2_pays in [
-        (640, 32, True, True),
-        (640, 8, True, True),
-        (640, 64, False, True),  # larger maps: oneDNN's convolution is faster with AVX512
-        (512, 128, False, True),  # the VAE decoder's 128x128 level
-        (256, 256, False, False),
-        (320, 32, False, True),
-        (128, 32, False, False),
-        (1280, 8, False, True),  # <= 64 pixels at 1024+ channels: one product with AVX512
-        (1280, 16, True, True),
+    f32, f2, f4 = torch.float32, fast_paths.F2X2, fast_paths.F4X4
+    for c_in, c_out, side, avx512, avx2 in [
+        (640, 640, 32, f2, f4),
+        (640, 640, 8, f2, f2),
+        (640, 640, 64, None, f4),  # larger maps: oneDNN's convolution is faster with AVX512
+        (512, 512, 128, None, f4),  # the VAE decoder's 128x128 level
+        (256, 256, 256, None, None),
+        (320, 320, 32, None, f4),
+        (960, 320, 32, f2, f4),
+        (128, 128, 32, None, None),
+        (1280, 1280, 8, None, f2),  # <= 64 pixels at 1024+ channels: one product with AVX512
+        (1280, 1280, 16, f2, f2),  # F(4x4) kernels of the 1280-channel levels would take 6.8 GB more
+        (1920, 640, 16, f2, f4),
     ]:
-        assert fast_paths.winograd_pays(f32, c_in, side * side) == (avx2_pays if avx2 else avx512_pays)
-        conv = WinogradConv2d(c_in, 8, 3, padding=1)
-        assert conv._as_winograd(torch.empty(2, c_in, side, side), f32) == (
-            avx2_pays if avx2 else avx512_pays
-        )
+        want = avx2 if capability == "AVX2" else avx512
+        assert fast_paths.winograd_tiles(f32, c_in, c_out, side * side) is want
+        conv = WinogradConv2d(c_in, c_out, 3, padding=1, device="meta")
+        assert conv._winograd_tiles(torch.empty(2, c_in, side, side), f32) is want
     strided = WinogradConv2d(640, 8, 3, stride=2, padding=1)
-    assert not strided._as_winograd(torch.empty(2, 640, 16, 16), f32)
+    assert strided._winograd_tiles(torch.empty(2, 640, 16, 16), f32) is None
 
 
-def test_winograd_only_with_room_for_its_kernels(monkeypatch):
+@pytest.mark.parametrize(
+    "capability, kernel_bytes", [("AVX512", 518_400 * 16 // 9 * 4), ("AVX2", 518_400 * 36 // 9 * 4)]
+)
+def test_winograd_only_with_room_for_its_kernels(monkeypatch, capability, kernel_bytes):
+    """Twice the transformed kernels' fp32 bytes must be free: 16 positions, 36 where F(4x4) may run."""
     from types import SimpleNamespace
 
-    net = nn.Sequential(nn.Conv2d(640, 90, 3, padding=1))  # 518,400 weights: 3.7 MB of fp32 kernels
-    monkeypatch.setattr(fast_paths, "available_bytes", lambda device: 7_000_000)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    net = nn.Sequential(nn.Conv2d(640, 90, 3, padding=1))  # 518,400 weights
+    monkeypatch.setattr(fast_paths, "available_bytes", lambda device: 2 * kernel_bytes - 1)
     assert not fast_paths.winograd_fits(net)
-    monkeypatch.setattr(fast_paths, "available_bytes", lambda device: 8_000_000)
+    monkeypatch.setattr(fast_paths, "available_bytes", lambda device: 2 * kernel_bytes)
     assert fast_paths.winograd_fits(net)
     monkeypatch.setattr(fast_paths, "available_bytes", lambda device: None)  # unknown: on
     assert fast_paths.winograd_fits(net)
@@ -313,14 +341,14 @@ def test_decoder_top_levels_in_channels_last_equal_plain():
 @needs_onednn
 @pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
 def test_decoder_convolutions_as_winograd_with_avx2_only(monkeypatch, capability):
-    """With AVX2 only, the VAE decoder's 3x3 convolutions of >= 256 channels run as Winograd's (`winograd_pays`),
-    the plain decoder's image up to fp32 error; with AVX512, oneDNN's convolutions."""
+    """With AVX2 only, the VAE decoder's 3x3 convolutions of >= 256 channels run as Winograd's (`winograd_tiles`:
+    F(4x4) on its 16x16 level), the plain decoder's image up to fp32 error; with AVX512, oneDNN's convolutions."""
     from types import SimpleNamespace
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     decoder = Decoder(**small_ddconfig(ch=64, ch_mult=[1, 4], num_res_blocks=1)).eval()
     randomize_(decoder, seed=0)
-    z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         plain = decoder(z)
         apply_cpu_fast_paths(SimpleNamespace(first_stage_model=SimpleNamespace(decoder=decoder)), unet=False)
@@ -330,8 +358,8 @@ def test_decoder_convolutions_as_winograd_with_avx2_only(monkeypatch, capability
     ]
     wide = [conv for conv in convs if conv.in_channels >= 256]
     assert wide and all(type(conv) is WinogradConv2d for conv in wide)
-    assert all(hasattr(conv, "_winograd_packed") == (capability == "AVX2") for conv in wide)
-    assert fast.shape == (1, 3, 24, 24) and 0.1 < plain.std() < 100
+    assert all(hasattr(conv, "_winograd4_packed") == (capability == "AVX2") for conv in wide)
+    assert fast.shape == (1, 3, 32, 32) and 0.1 < plain.std() < 100
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)  # the fp32 bar for optimized paths
 
 

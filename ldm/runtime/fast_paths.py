@@ -25,6 +25,7 @@ All give the plain layers' numbers up to float summation order; BENCHMARKS.md ha
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -283,35 +284,90 @@ def pixel_neighbourhoods(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], dim=-1)
 
 
-# Winograd's F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): the 2x2
-# output tile of a 4x4 input tile d under a 3x3 kernel g is A^T [(G g G^T) * (B^T d B)] A.
-WINOGRAD_BT = torch.tensor([[1.0, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
-WINOGRAD_G = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
-WINOGRAD_AT = torch.tensor([[1.0, 1, 1, 0], [0, 1, -1, -1]])
-# transformed position (1, 1): every output of a tile sums it with weight +1, so the bias is added there once
-BIAS_POSITION = 5
+@dataclass(frozen=True, eq=False)
+class WinogradTiles:
+    """Winograd's F(m x m, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): the
+    m x m output tile of an n x n input tile d (n = m + 2) under a 3x3 kernel g is A^T [(G g G^T) * (B^T d B)] A,
+    n^2 products where a direct convolution makes 9 m^2. Column 1 of A^T is all ones (the point 1), so every
+    output of a tile sums transformed position (1, 1) once: the bias is added there (`bias_position`)."""
+
+    bt: torch.Tensor  # B^T [n, n]
+    g: torch.Tensor  # G [n, 3], in the dtype the kernels are transformed in
+    at: torch.Tensor  # A^T [m, n]
+
+    @property
+    def m(self) -> int:
+        return self.at.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.at.shape[1]
+
+    @property
+    def bias_position(self) -> int:
+        return self.n + 1
+
+
+# F(2x2, 3x3), points 0, 1, -1 and infinity: 16 products for 4 outputs (2.25x fewer); its entries are exact in fp32
+F2X2 = WinogradTiles(
+    bt=torch.tensor([[1.0, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]),
+    g=torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]]),
+    at=torch.tensor([[1.0, 1, 1, 0], [0, 1, -1, -1]]),
+)
+# F(4x4, 3x3), points 0, 1, -1, 2, -1/2 and infinity: 36 products for 16 outputs (4x fewer). These points (rather
+# than the usual 0, +-1, +-2) keep its fp32 error within 1.2-1.8x that of a direct convolution against fp64
+# (Barabasz et al., "Error Analysis and Improving the Accuracy of Winograd Convolution", 2020; 3-6x with +-2).
+# B^T is scaled to integers, G carries the inverse scales in fp64: the kernels are transformed once, in fp64.
+F4X4 = WinogradTiles(
+    bt=torch.tensor(
+        [
+            [2.0, 3, -4, -3, 2, 0],
+            [0, 2, 5, 1, -2, 0],
+            [0, 2, 1, -5, 2, 0],
+            [0, -1, -2, 1, 2, 0],
+            [0, -2, 1, 2, -1, 0],
+            [0, 2, 3, -4, -3, 2],
+        ]
+    ),
+    g=torch.tensor(
+        [
+            [1 / 2, 0, 0],
+            [1 / 6, 1 / 6, 1 / 6],
+            [1 / 6, -1 / 6, 1 / 6],
+            [1 / 30, 1 / 15, 2 / 15],
+            [16 / 15, -8 / 15, 4 / 15],
+            [0, 0, 1 / 2],
+        ],
+        dtype=torch.float64,
+    ),
+    at=torch.tensor(
+        [[1.0, 1, 1, 1, 1, 0], [0, 1, -1, 2, -1 / 2, 0], [0, 1, 1, 4, 1 / 4, 0], [0, 1, -1, 8, -1 / 8, 1]]
+    ),
+)
 
 
 WINOGRAD_CHUNK_KERNELS = 2**16  # kernels transformed at a time (`winograd_weights`): 4 MiB of fp32 results
 
 
-def winograd_weights(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Kernels [C_out, C_in, 3, 3] -> G g G^T at each of the 16 positions (4 * row + column): [16, C_out, C_in]
-    in `dtype`, computed in fp32 as products of kron(G, G) [16, 9] with the kernels' 9 taps (4.5x faster than an
-    einsum), WINOGRAD_CHUNK_KERNELS kernels at a time, each chunk rounded to `dtype` while it is in cache."""
+def winograd_weights(
+    weight: torch.Tensor, dtype: torch.dtype = torch.float32, tiles: WinogradTiles = F2X2
+) -> torch.Tensor:
+    """Kernels [C_out, C_in, 3, 3] -> G g G^T at each of the n^2 positions (n * row + column): [n^2, C_out, C_in]
+    in `dtype`, computed in G's dtype as products of kron(G, G) [n^2, 9] with the kernels' 9 taps (4.5x faster
+    than an einsum), WINOGRAD_CHUNK_KERNELS kernels at a time, each chunk rounded to `dtype` while it is in cache."""
     o, c = weight.shape[:2]
-    kron = torch.kron(WINOGRAD_G, WINOGRAD_G).to(weight.device)
-    out = weight.new_empty(16, o, c, dtype=dtype)
+    kron = torch.kron(tiles.g, tiles.g).to(weight.device)
+    out = weight.new_empty(tiles.n**2, o, c, dtype=dtype)
     rows = max(1, WINOGRAD_CHUNK_KERNELS // c)  # output channels per chunk
     for start in range(0, o, rows):
-        taps = weight[start : start + rows].reshape(-1, 9).float().t()  # [9, rows * C_in]
-        out[:, start : start + rows] = (kron @ taps).view(16, -1, c)
+        taps = weight[start : start + rows].reshape(-1, 9).to(kron.dtype).t()  # [9, rows * C_in]
+        out[:, start : start + rows] = (kron @ taps).view(tiles.n**2, -1, c)
     return out
 
 
 def _winograd_input_rows(d: list[torch.Tensor], out: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """B^T applied along one axis: the 4 rows of an input tile, d[0..3], -> d0 - d2, d1 + d2, d2 - d1, d1 - d3
-    (into out[0..3] when given; as strided slices, 2-3x faster than a product with kron(B^T, B^T))."""
+    """F2X2's B^T applied along one axis: the 4 rows of an input tile, d[0..3], -> d0 - d2, d1 + d2, d2 - d1,
+    d1 - d3 (into out[0..3] when given; as strided slices, 2-3x faster than a product with kron(B^T, B^T))."""
     out = [None] * 4 if out is None else list(out)
     return [
         torch.sub(d[0], d[2], out=out[0]),
@@ -321,87 +377,113 @@ def _winograd_input_rows(d: list[torch.Tensor], out: torch.Tensor | None = None)
     ]
 
 
-def winograd_conv3x3(x: torch.Tensor, products: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """A 3x3 convolution (stride 1, zero padding 1) of x [B, C_in, H, W] as F(2x2, 3x3), where `products` maps
-    the transformed input tiles [16, tiles, C_in] to [16, tiles, C_out] (each position's tiles times its
-    transformed kernel, the bias added at BIAS_POSITION). Returns [B, C_out, H, W], contiguous in x's memory
-    format (NCHW or channels_last)."""
+def _winograd_inputs(padded: torch.Tensor, tiles: WinogradTiles, th: int, tw: int) -> torch.Tensor:
+    """The transformed input tiles B^T d B of padded [B, m * th + 2, m * tw + 2, C] (fp32):
+    [n^2, B * th * tw, C], position n * row + column. F2X2 as adds of strided slices; others gather the
+    overlapping tiles in one copy and apply B^T along each axis as a product."""
+    b, _, _, c = padded.shape
+    m, n = tiles.m, tiles.n
+    if tiles is F2X2:
+        transformed = padded.new_empty(16, b, th, tw, c)
+        # B^T d along the rows of the tiles (4 x [B, th, W+2, C]), then (B^T d) B into position 4 * row + column
+        rows = _winograd_input_rows([padded[:, j : j + 2 * th : 2] for j in range(4)])
+        for i, row in enumerate(rows):
+            _winograd_input_rows(
+                [row[:, :, j : j + 2 * tw : 2] for j in range(4)], out=transformed[4 * i : 4 * i + 4]
+            )
+        return transformed.view(16, b * th * tw, c)
+    tiles_d = padded.unfold(1, n, m).unfold(2, n, m)  # [B, th, tw, C, row, column] (views)
+    d = tiles_d.permute(4, 5, 0, 1, 2, 3).reshape(n, -1)  # [row, column * B * th * tw * C]
+    bt = tiles.bt.to(padded)
+    return torch.matmul(bt, (bt @ d).view(n, n, -1)).view(n * n, b * th * tw, c)
+
+
+def winograd_conv3x3(
+    x: torch.Tensor, products: Callable[[torch.Tensor], torch.Tensor], tiles: WinogradTiles = F2X2
+) -> torch.Tensor:
+    """A 3x3 convolution (stride 1, zero padding 1) of x [B, C_in, H, W] as Winograd's F(m x m, 3x3) (`tiles`),
+    where `products` maps the transformed input tiles [n^2, tiles, C_in] to [n^2, tiles, C_out] (each position's
+    tiles times its transformed kernel, the bias added at `tiles.bias_position`). Returns [B, C_out, H, W],
+    contiguous in x's memory format (NCHW or channels_last)."""
     b, c, h, w = x.shape
-    th, tw = (h + 1) // 2, (w + 1) // 2  # 2x2 tiles down and across (an odd side gets one more zero row)
-    # [B, H+2, W+2, C_in] in fp32, so that the transformed tiles round once, in the end (as a product would)
-    padded = F.pad(x, (1, 1 + w % 2, 1, 1 + h % 2)).permute(0, 2, 3, 1)
+    m = tiles.m
+    th, tw = -(-h // m), -(-w // m)  # m x m tiles down and across (sides not a multiple of m get zero rows)
+    # [B, m th + 2, m tw + 2, C_in] in fp32, so that the transformed tiles round once, in the end (as a product would)
+    padded = F.pad(x, (1, 1 + m * tw - w, 1, 1 + m * th - h)).permute(0, 2, 3, 1)
     padded = padded.to(torch.float32, memory_format=torch.contiguous_format)
-    transformed = x.new_empty(16, b, th, tw, c)
-    # B^T d along the rows of the tiles (4 x [B, th, W+2, C_in]), then (B^T d) B into position 4 * row + column
-    rows = _winograd_input_rows([padded[:, j : j + 2 * th : 2] for j in range(4)])
-    for i, row in enumerate(rows):
-        _winograd_input_rows(
-            [row[:, :, j : j + 2 * tw : 2] for j in range(4)], out=transformed[4 * i : 4 * i + 4]
-        )
-    m = products(transformed.view(16, b * th * tw, c))  # [16, tiles, C_out]
-    y = (torch.kron(WINOGRAD_AT, WINOGRAD_AT).to(x) @ m.view(16, -1)).view(2, 2, b, th, tw, -1)
+    y = products(_winograd_inputs(padded, tiles, th, tw))  # [n^2, tiles, C_out]
+    y = (torch.kron(tiles.at, tiles.at).to(x) @ y.view(tiles.n**2, -1)).view(m, m, b, th, tw, -1)
     layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    if layout == torch.channels_last:  # [B, H (+1), W (+1), C_out] seen as [B, C_out, H (+1), W (+1)]
-        out = y.permute(2, 3, 0, 4, 1, 5).reshape(b, 2 * th, 2 * tw, -1).permute(0, 3, 1, 2)
+    if layout == torch.channels_last:  # [B, m th, m tw, C_out] seen as [B, C_out, m th, m tw]
+        out = y.permute(2, 3, 0, 4, 1, 5).reshape(b, m * th, m * tw, -1).permute(0, 3, 1, 2)
     else:
-        out = y.permute(2, 5, 3, 0, 4, 1).reshape(b, -1, 2 * th, 2 * tw)  # [B, C_out, H (+1), W (+1)]
+        out = y.permute(2, 5, 3, 0, 4, 1).reshape(b, -1, m * th, m * tw)  # [B, C_out, m th, m tw]
     return out if (h, w) == out.shape[-2:] else out[..., :h, :w].contiguous(memory_format=layout)
 
 
 WINOGRAD_MIN_CHANNELS = 256  # the fewest input channels any CPU takes Winograd's convolution for
+WINOGRAD_4X4_MAX_OUT_CHANNELS = 640  # F4X4's kernels are 4x a layer's weights: not the 1280-channel levels'
 
 
-def winograd_pays(dtype: torch.dtype, in_channels: int, pixels: int) -> bool:
-    """Whether Winograd's convolution beats the other paths in `dtype` with `in_channels` on maps of `pixels` on
-    this CPU (BENCHMARKS.md has the measurements):
+def winograd_tiles(
+    dtype: torch.dtype, in_channels: int, out_channels: int, pixels: int
+) -> WinogradTiles | None:
+    """The Winograd tiles that beat the other paths in `dtype` from `in_channels` to `out_channels` on maps of
+    `pixels` on this CPU, or None (BENCHMARKS.md has the measurements):
     - with AVX2 only, from WINOGRAD_MIN_CHANNELS on maps of up to 128x128, the matmul path's included: fewer
-      multiplications pay for the transforms' memory traffic on such slow fp32 units (Zen 1: 0.47-0.86x the
-      time of oneDNN's convolution, 0.6-0.9x the matmul path's);
-    - else from 640 channels on maps of up to 32x32, those of the matmul path (`MatmulConv2d`) excepted (0.43-0.65x
-      oneDNN's convolution on Zen 4; larger maps 1.2-1.4x), and not in bf16 with AMX, where oneDNN's prepacked
-      bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time."""
+      multiplications pay for the transforms' memory traffic on such slow fp32 units. F4X4 on maps of 16x16
+      and more to up to WINOGRAD_4X4_MAX_OUT_CHANNELS (Zen 1: 0.37-0.60x the time of oneDNN's convolution,
+      0.63-0.94x F2X2's), F2X2 elsewhere (0.47-0.86x oneDNN's convolution, 0.6-0.9x the matmul path's);
+    - else F2X2 from 640 channels on maps of up to 32x32, those of the matmul path (`MatmulConv2d`) excepted
+      (0.43-0.65x oneDNN's convolution on Zen 4; larger maps 1.2-1.4x), and not in bf16 with AMX, where oneDNN's
+      prepacked bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time. (F4X4 is unmeasured there.)"""
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
-        return in_channels >= WINOGRAD_MIN_CHANNELS and pixels <= 128 * 128
+        if in_channels < WINOGRAD_MIN_CHANNELS or pixels > 128 * 128:
+            return None
+        return F4X4 if out_channels <= WINOGRAD_4X4_MAX_OUT_CHANNELS and pixels >= 16 * 16 else F2X2
     if dtype == torch.bfloat16 and cpu_has_amx():
-        return False
+        return None
     as_matmul = in_channels >= MatmulConv2d.MATMUL_MIN_CHANNELS and pixels <= MatmulConv2d.MATMUL_MAX_PIXELS
-    return in_channels >= 640 and pixels <= 32 * 32 and not as_matmul
+    return F2X2 if in_channels >= 640 and pixels <= 32 * 32 and not as_matmul else None
 
 
 class WinogradConv2d(MatmulConv2d):
-    """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions as Winograd's F(2x2, 3x3)
-    (`winograd_conv3x3`) where it pays on this CPU (`winograd_pays`): 16 packed products over 2x2 output tiles in
-    place of 9 taps a pixel, 2.25x fewer multiplications, for inference on the CPU in `packed_dtypes`. Other
-    inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
+    """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions as Winograd's F(2x2, 3x3) or
+    F(4x4, 3x3) (`winograd_conv3x3`) where it pays on this CPU (`winograd_tiles`): n^2 packed products over
+    m x m output tiles in place of 9 taps a pixel, 2.25x or 4x fewer multiplications, for inference on the CPU in
+    `packed_dtypes`. Other inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
 
-    def _as_winograd(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
-        """Whether the product of x [B, C_in, H, W] in `dtype` runs as Winograd's."""
-        return self._plain_3x3(x) and winograd_pays(dtype, self.in_channels, x.shape[-2] * x.shape[-1])
+    def _winograd_tiles(self, x: torch.Tensor, dtype: torch.dtype) -> WinogradTiles | None:
+        """The tiles the product of x [B, C_in, H, W] in `dtype` runs in as Winograd's, or None."""
+        if not self._plain_3x3(x):
+            return None
+        return winograd_tiles(dtype, self.in_channels, self.out_channels, x.shape[-2] * x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W] -> [B, C_out, H, W]."""
         dtype = _product_dtype(self, self.weight, x)
-        if dtype is None or not self._as_winograd(x, dtype):
+        tiles = None if dtype is None else self._winograd_tiles(x, dtype)
+        if tiles is None:
             return super().forward(x)
-        kernels = self._winograd_kernels(dtype)
+        kernels = self._winograd_kernels(dtype, tiles)
         bias = None if self.bias is None else self.bias.to(dtype)
 
-        def products(tiles: torch.Tensor) -> torch.Tensor:
+        def products(transformed: torch.Tensor) -> torch.Tensor:
             return torch.stack([
-                onednn_product(tiles[k], kernels[k], bias if k == BIAS_POSITION else None)
-                for k in range(16)
+                onednn_product(transformed[k], kernel, bias if k == tiles.bias_position else None)
+                for k, kernel in enumerate(kernels)
             ])  # fmt: skip
 
-        return winograd_conv3x3(x.to(dtype), products)
+        return winograd_conv3x3(x.to(dtype), products, tiles)
 
-    def _winograd_kernels(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The 16 transformed kernels [C_out, C_in] in `dtype`, packed for oneDNN, made once (`_made_once`)."""
+    def _winograd_kernels(self, dtype: torch.dtype, tiles: WinogradTiles) -> list[torch.Tensor]:
+        """The n^2 transformed kernels [C_out, C_in] in `dtype`, packed for oneDNN, made once (`_made_once`)."""
 
         def make() -> list[torch.Tensor]:
-            transformed = winograd_weights(self.weight.detach(), dtype)
+            transformed = winograd_weights(self.weight.detach(), dtype, tiles)
             return [torch.ops.mkldnn._reorder_linear_weight(kernel) for kernel in transformed]
 
-        return _made_once(self, "_winograd_packed", self.weight, dtype, make)
+        return _made_once(self, f"_winograd{tiles.m}_packed", self.weight, dtype, make)
 
 
 def use_matmul_convolutions(module: nn.Module) -> int:
@@ -440,10 +522,17 @@ def _winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
 
 def winograd_fits(module: nn.Module) -> bool:
     """Whether this machine has room for the transformed kernels of `module`'s Winograd layers: 16/9 of their
-    weights (3.7 GB in fp32 for the SD UNet, 1.8 GB in bf16; the plain weights' pages go back to the OS when
-    memory-mapped). At least twice their fp32 size must be free (MemAvailable), or the free memory unknown."""
+    weights, 36/9 where F4X4 may run (4.1 GB in fp32 for the SD UNet with AVX2 only, 1.8 GB in bf16; the plain
+    weights' pages go back to the OS when memory-mapped). At least twice their fp32 size must be free
+    (MemAvailable), or the free memory unknown."""
     free = available_bytes("cpu")
-    kernels = sum(conv.weight.numel() for conv in _winograd_candidates(module)) * 16 // 9 * 4
+    kernels = sum(
+        conv.weight.numel()
+        * (36 if winograd_tiles(torch.float32, conv.in_channels, conv.out_channels, 16 * 16) is F4X4 else 16)
+        // 9
+        * 4
+        for conv in _winograd_candidates(module)
+    )
     return free is None or free >= 2 * kernels
 
 
