@@ -1,7 +1,8 @@
 """What the CPU convolution paths of `ldm.runtime.fast_paths` gain over torch's own (oneDNN) convolution: the
-matrix product of `MatmulConv2d` (wide layers on <= 64-pixel maps) and Winograd's F(2x2, 3x3) of `WinogradConv2d`
-(where `winograd_pays` on this CPU), for the SD v1 UNet's convolution shapes and two of the VAE decoder's in fp32
-and bf16 (errors against fp64), then the whole UNet step with each path switched off.
+matrix product of `MatmulConv2d` (wide layers on <= 64-pixel maps) and Winograd's F(2x2, 3x3) or F(4x4, 3x3) of
+`WinogradConv2d` (the tiles `winograd_tiles` picks on this CPU), for the SD v1 UNet's convolution shapes and two of
+the VAE decoder's in fp32 and bf16 (errors against fp64), then the whole UNet step with each path switched off and
+with F(2x2, 3x3) in place of F(4x4, 3x3).
 
     python benchmarks/bench_conv.py [--workdir /tmp/sdbench] [--reps 3] [--threads N]
 
@@ -25,15 +26,17 @@ from bench_vs_diffusers import PROMPT, alternate, load_ours, machine, prepare  #
 
 from ldm.runtime import precision_scope  # noqa: E402
 from ldm.runtime.fast_paths import (  # noqa: E402
+    F2X2,
     MatmulConv2d,
     WinogradConv2d,
+    WinogradTiles,
     low_precision_with_fast_paths,
     packed_dtypes,
 )
 
 # (input channels, output channels, map side) of the UNet's 3x3 convolutions: 4x4 and 8x8 (matrix products at
 # 256² with AVX512), 16x16 and 32x32 (Winograd), 64x64 (torch's with AVX512); then the VAE decoder's 512-channel
-# 64x64 and 128x128 levels (Winograd with AVX2 only)
+# 64x64 and 128x128 levels (Winograd with AVX2 only, F(4x4) there as on the UNet's 640- and 320-channel levels)
 SHAPES = [
     (1280, 1280, 4), (2560, 1280, 8), (1280, 1280, 8), (640, 640, 16), (1920, 640, 16), (1280, 1280, 16),
     (2560, 1280, 16), (320, 320, 32), (640, 640, 32), (1920, 640, 32), (1280, 1280, 32), (640, 320, 64),
@@ -47,7 +50,8 @@ def conv_row(c_in: int, c_out: int, side: int, dtype: torch.dtype, reps: int) ->
     conv = WinogradConv2d(c_in, c_out, 3, padding=1).to(dtype)
     conv.packed_dtypes = packed_dtypes()
     x = torch.randn(2, c_in, side, side).to(dtype)
-    path = "winograd" if conv._as_winograd(x, dtype) else "matmul" if conv._as_matmul(x) else "torch"
+    tiles = conv._winograd_tiles(x, dtype)
+    path = f"winograd {tiles.m}x{tiles.m}" if tiles else "matmul" if conv._as_matmul(x) else "torch"
     label = f"| {str(dtype)[6:]} 3x3 {c_in}->{c_out} at {side}x{side} | {path}"
     if path != "torch" and dtype not in conv.packed_dtypes:
         return f"{label} | not packed on this CPU | | | | |"
@@ -64,29 +68,35 @@ def conv_row(c_in: int, c_out: int, side: int, dtype: torch.dtype, reps: int) ->
 
 
 def unet_rows(models: dict, size: int, reps: int) -> list[str]:
-    """Table rows: the UNet step at `size`² of each model ("fp32", "bf16") with all paths, without Winograd,
-    without both."""
+    """Table rows: the UNet step at `size`² of each model ("fp32", "bf16") with all paths, with Winograd's
+    F(2x2, 3x3) only, without Winograd, without both."""
     c = models["fp32"].get_learned_conditioning(["", PROMPT])
     t = torch.full((2,), 500, dtype=torch.long)
     x = torch.randn(2, 4, size // 8, size // 8)
-    as_matmul, as_winograd = MatmulConv2d._as_matmul, WinogradConv2d._as_winograd
+    as_matmul, winograd_tiles = MatmulConv2d._as_matmul, WinogradConv2d._winograd_tiles
+
+    def only_2x2(self: WinogradConv2d, x: torch.Tensor, dtype: torch.dtype) -> WinogradTiles | None:
+        return F2X2 if winograd_tiles(self, x, dtype) else None
+
     rows = []
     for name, unet in models.items():
 
         def step(variant: str, unet=unet, name=name) -> torch.Tensor:
             MatmulConv2d._as_matmul = as_matmul if variant != "torch" else lambda self, x: False
-            WinogradConv2d._as_winograd = as_winograd if variant == "all" else lambda self, x, dtype: False
+            WinogradConv2d._winograd_tiles = {"all": winograd_tiles, "2x2": only_2x2}.get(
+                variant, lambda self, x, dtype: None
+            )
             try:
                 with precision_scope("autocast" if name == "bf16" else "full", torch.device("cpu")):
                     return unet.apply_model(x, t, c).float()
             finally:
-                MatmulConv2d._as_matmul, WinogradConv2d._as_winograd = as_matmul, as_winograd
+                MatmulConv2d._as_matmul, WinogradConv2d._winograd_tiles = as_matmul, winograd_tiles
 
-        times = alternate({v: lambda v=v: step(v) for v in ("all", "matmul", "torch")}, reps)
+        times = alternate({v: lambda v=v: step(v) for v in ("all", "2x2", "matmul", "torch")}, reps)
         diff = (step("all") - step("matmul")).abs().max().item()
         rows.append(
-            f"| {size}², {name} | {times['torch']:.2f} s | {times['matmul']:.2f} s | {times['all']:.2f} s | "
-            f"{times['all'] / times['matmul']:.2f} | {diff:.1e} |"
+            f"| {size}², {name} | {times['torch']:.2f} s | {times['matmul']:.2f} s | {times['2x2']:.2f} s | "
+            f"{times['all']:.2f} s | {times['all'] / times['matmul']:.2f} | {diff:.1e} |"
         )
     return rows
 
@@ -115,10 +125,10 @@ def main() -> None:
             models["bf16"] = copy.deepcopy(model)  # before any run packs weights (which do not copy)
             low_precision_with_fast_paths(models["bf16"], torch.bfloat16)  # as the scripts prepare bf16
         print(
-            "\n| UNet step (batch 2) | torch's convolutions | + matrix products | + Winograd | ratio Winograd |"
-            " max abs diff |"
+            "\n| UNet step (batch 2) | torch's convolutions | + matrix products | + Winograd F(2x2) only |"
+            " + Winograd | ratio Winograd | max abs diff |"
         )
-        print("|---|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for size in (256, 512):
             for row in unet_rows(models, size, opt.reps):
                 print(row, flush=True)

@@ -266,6 +266,27 @@ def test_winograd_takes_only_wide_3x3_layers():
     assert net[0].packed_dtypes == {torch.float32}
 
 
+@pytest.mark.parametrize("tiles", [fast_paths.F2X2, fast_paths.F4X4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_winograd_conv3x3_hands_the_products_tiles_in_the_input_dtype(tiles, dtype):
+    """The transformed tiles reach the products in x's dtype, computed in fp32 and rounded once: with plain
+    products (no oneDNN needed) the output is the convolution of the rounded input, up to the dtype's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 8, 10, 7, generator=generator), torch.randn(5, 8, 3, 3, generator=generator)
+    kernels = fast_paths.winograd_weights(weight, torch.float32, tiles)  # [n^2, C_out, C_in]
+    seen = []
+
+    def products(transformed: torch.Tensor) -> torch.Tensor:
+        seen.append(transformed.dtype)
+        return torch.bmm(transformed.float(), kernels.transpose(1, 2)).to(dtype)
+
+    out = fast_paths.winograd_conv3x3(x.to(dtype), products, tiles)
+    assert seen == [dtype] and out.dtype == dtype and out.shape == (2, 5, 10, 7)
+    want = F.conv2d(x.to(dtype).double(), weight.double(), padding=1)
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16: the tiles and outputs round to 8 bits
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=tolerance * want.abs().max().item())
+
+
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
     """AVX512 (Zen 4): F(2x2) from 640 channels on maps of up to 32x32, except the matmul path's (1024+ channels

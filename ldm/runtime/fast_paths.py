@@ -13,8 +13,9 @@
   weights and pack them in bf16 (`fp32_sources_kept`); the plain weights' checkpoint pages go back to the OS once
   packed (`release_packed_sources`).
 - `WinogradConv2d`: wide 3x3 convolutions as Winograd's F(2x2, 3x3) over packed products, 2.25x fewer
-  multiplications, where it pays (`winograd_pays`): the UNet's 16x16 and 32x32 maps, and with AVX2 only nearly
-  all its maps and the VAE decoder's (not in bf16 with AMX, where the next one is faster).
+  multiplications, where it pays (`winograd_tiles`): the UNet's 16x16 and 32x32 maps, and with AVX2 only nearly
+  all its maps and the VAE decoder's, there as F(4x4, 3x3) (4x fewer) on maps of 16x16 and more into up to 640
+  channels (not in bf16 with AMX, where the next one is faster).
 - `PackedConv2d`: the UNet's other convolutions in bf16 through oneDNN with prepacked kernels.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
 - `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
@@ -377,14 +378,16 @@ def _winograd_input_rows(d: list[torch.Tensor], out: torch.Tensor | None = None)
     ]
 
 
-def _winograd_inputs(padded: torch.Tensor, tiles: WinogradTiles, th: int, tw: int) -> torch.Tensor:
-    """The transformed input tiles B^T d B of padded [B, m * th + 2, m * tw + 2, C] (fp32):
-    [n^2, B * th * tw, C], position n * row + column. F2X2 as adds of strided slices; others gather the
+def _winograd_inputs(
+    padded: torch.Tensor, tiles: WinogradTiles, th: int, tw: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The transformed input tiles B^T d B of padded [B, m * th + 2, m * tw + 2, C] (fp32), rounded to `dtype`
+    once: [n^2, B * th * tw, C], position n * row + column. F2X2 as adds of strided slices; others gather the
     overlapping tiles in one copy and apply B^T along each axis as a product."""
     b, _, _, c = padded.shape
     m, n = tiles.m, tiles.n
     if tiles is F2X2:
-        transformed = padded.new_empty(16, b, th, tw, c)
+        transformed = padded.new_empty(16, b, th, tw, c, dtype=dtype)
         # B^T d along the rows of the tiles (4 x [B, th, W+2, C]), then (B^T d) B into position 4 * row + column
         rows = _winograd_input_rows([padded[:, j : j + 2 * th : 2] for j in range(4)])
         for i, row in enumerate(rows):
@@ -395,7 +398,7 @@ def _winograd_inputs(padded: torch.Tensor, tiles: WinogradTiles, th: int, tw: in
     tiles_d = padded.unfold(1, n, m).unfold(2, n, m)  # [B, th, tw, C, row, column] (views)
     d = tiles_d.permute(4, 5, 0, 1, 2, 3).reshape(n, -1)  # [row, column * B * th * tw * C]
     bt = tiles.bt.to(padded)
-    return torch.matmul(bt, (bt @ d).view(n, n, -1)).view(n * n, b * th * tw, c)
+    return torch.matmul(bt, (bt @ d).view(n, n, -1)).view(n * n, b * th * tw, c).to(dtype)
 
 
 def winograd_conv3x3(
@@ -411,7 +414,7 @@ def winograd_conv3x3(
     # [B, m th + 2, m tw + 2, C_in] in fp32, so that the transformed tiles round once, in the end (as a product would)
     padded = F.pad(x, (1, 1 + m * tw - w, 1, 1 + m * th - h)).permute(0, 2, 3, 1)
     padded = padded.to(torch.float32, memory_format=torch.contiguous_format)
-    y = products(_winograd_inputs(padded, tiles, th, tw))  # [n^2, tiles, C_out]
+    y = products(_winograd_inputs(padded, tiles, th, tw, x.dtype))  # [n^2, tiles, C_out]
     y = (torch.kron(tiles.at, tiles.at).to(x) @ y.view(tiles.n**2, -1)).view(m, m, b, th, tw, -1)
     layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     if layout == torch.channels_last:  # [B, m th, m tw, C_out] seen as [B, C_out, m th, m tw]
@@ -522,17 +525,14 @@ def _winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
 
 def winograd_fits(module: nn.Module) -> bool:
     """Whether this machine has room for the transformed kernels of `module`'s Winograd layers: 16/9 of their
-    weights, 36/9 where F4X4 may run (4.1 GB in fp32 for the SD UNet with AVX2 only, 1.8 GB in bf16; the plain
+    weights, 36/9 where F4X4 may run (4.3 GB in fp32 for the SD UNet with AVX2 only, 1.8 GB in bf16; the plain
     weights' pages go back to the OS when memory-mapped). At least twice their fp32 size must be free
     (MemAvailable), or the free memory unknown."""
     free = available_bytes("cpu")
-    kernels = sum(
-        conv.weight.numel()
-        * (36 if winograd_tiles(torch.float32, conv.in_channels, conv.out_channels, 16 * 16) is F4X4 else 16)
-        // 9
-        * 4
-        for conv in _winograd_candidates(module)
-    )
+    kernels = 0
+    for conv in _winograd_candidates(module):  # F4X4 takes a 16x16 map wherever it runs at all
+        largest = winograd_tiles(torch.float32, conv.in_channels, conv.out_channels, 16 * 16) or F2X2
+        kernels += conv.weight.numel() * largest.n**2 // 9 * 4
     return free is None or free >= 2 * kernels
 
 
