@@ -13,9 +13,9 @@
   weights and pack them in bf16 (`fp32_sources_kept`); the plain weights' checkpoint pages go back to the OS once
   packed (`release_packed_sources`).
 - `WinogradConv2d`: wide 3x3 convolutions as Winograd's F(2x2, 3x3) over packed products, 2.25x fewer
-  multiplications, where it pays (`winograd_tiles`): the UNet's 16x16 and 32x32 maps, and with AVX2 only nearly
-  all its maps and the VAE decoder's, there as F(4x4, 3x3) (4x fewer) on maps of 16x16 and more into up to 640
-  channels (not in bf16 with AMX, where the next one is faster).
+  multiplications, where it pays (`winograd_tiles`): in fp32 nearly all the UNet's maps and the VAE decoder's,
+  as F(4x4, 3x3) (4x fewer) on maps of 16x16 and more into up to 640 channels; in bf16 the UNet's 16x16 and
+  32x32 maps of 640 channels and more (not with AMX, where the next one is faster).
 - `PackedConv2d`: the UNet's other convolutions in bf16 through oneDNN with prepacked kernels.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
 - `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
@@ -432,19 +432,27 @@ def winograd_tiles(
     dtype: torch.dtype, in_channels: int, out_channels: int, pixels: int
 ) -> WinogradTiles | None:
     """The Winograd tiles that beat the other paths in `dtype` from `in_channels` to `out_channels` on maps of
-    `pixels` on this CPU, or None (BENCHMARKS.md has the measurements):
-    - with AVX2 only, from WINOGRAD_MIN_CHANNELS on maps of up to 128x128, the matmul path's included: fewer
-      multiplications pay for the transforms' memory traffic on such slow fp32 units. F4X4 on maps of 16x16
-      and more to up to WINOGRAD_4X4_MAX_OUT_CHANNELS (Zen 1: 0.37-0.60x the time of oneDNN's convolution,
-      0.63-0.94x F2X2's), F2X2 elsewhere (0.47-0.86x oneDNN's convolution, 0.6-0.9x the matmul path's);
-    - else F2X2 from 640 channels on maps of up to 32x32, those of the matmul path (`MatmulConv2d`) excepted
-      (0.43-0.65x oneDNN's convolution on Zen 4; larger maps 1.2-1.4x), and not in bf16 with AMX, where oneDNN's
-      prepacked bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time. (F4X4 is unmeasured there.)"""
+    `pixels` on this CPU, or None (BENCHMARKS.md has the measurements). From WINOGRAD_MIN_CHANNELS only; F4X4 on
+    maps of 16x16 and more into up to WINOGRAD_4X4_MAX_OUT_CHANNELS:
+    - with AVX2 only, on maps of up to 128x128, the matmul path's included: fewer multiplications pay for the
+      transforms' memory traffic on such slow fp32 units (Zen 1: F4X4 0.37-0.60x the time of oneDNN's
+      convolution, 0.63-0.94x F2X2's; F2X2 elsewhere 0.47-0.86x oneDNN's, 0.6-0.9x the matmul path's);
+    - fp32 with AVX512: F4X4 on maps of up to 64x64 (Zen 4: 0.46-0.91x oneDNN's convolution, 0.76-0.87x
+      F2X2's), F2X2 from 640 channels on maps of 8x8 to 32x32 (0.37-0.76x oneDNN's convolution or the matmul
+      path's); 4x4 maps (1.3x) and 128x128 ones (0.8-1.4x) keep the other paths;
+    - bf16 with AVX512: F2X2 from 640 channels on maps of up to 32x32, those of the matmul path (`MatmulConv2d`)
+      excepted (F4X4's tiles, rounded to bf16, make 10x the error); none with AMX, where oneDNN's prepacked bf16
+      convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time."""
+    if in_channels < WINOGRAD_MIN_CHANNELS:
+        return None
+    four = out_channels <= WINOGRAD_4X4_MAX_OUT_CHANNELS and pixels >= 16 * 16
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
-        if in_channels < WINOGRAD_MIN_CHANNELS or pixels > 128 * 128:
-            return None
-        return F4X4 if out_channels <= WINOGRAD_4X4_MAX_OUT_CHANNELS and pixels >= 16 * 16 else F2X2
-    if dtype == torch.bfloat16 and cpu_has_amx():
+        return None if pixels > 128 * 128 else F4X4 if four else F2X2
+    if dtype == torch.float32:
+        if four and pixels <= 64 * 64:
+            return F4X4
+        return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= 32 * 32 else None
+    if cpu_has_amx():
         return None
     as_matmul = in_channels >= MatmulConv2d.MATMUL_MIN_CHANNELS and pixels <= MatmulConv2d.MATMUL_MAX_PIXELS
     return F2X2 if in_channels >= 640 and pixels <= 32 * 32 and not as_matmul else None
@@ -525,7 +533,7 @@ def _winograd_candidates(module: nn.Module) -> list[nn.Conv2d]:
 
 def winograd_fits(module: nn.Module) -> bool:
     """Whether this machine has room for the transformed kernels of `module`'s Winograd layers: 16/9 of their
-    weights, 36/9 where F4X4 may run (4.3 GB in fp32 for the SD UNet with AVX2 only, 1.8 GB in bf16; the plain
+    weights, 36/9 where F4X4 may run (4.3 GB in fp32 for the SD UNet, 1.8 GB in bf16; the plain
     weights' pages go back to the OS when memory-mapped). At least twice their fp32 size must be free
     (MemAvailable), or the free memory unknown."""
     free = available_bytes("cpu")
