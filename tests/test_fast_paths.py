@@ -45,8 +45,11 @@ BF16 = pytest.param(torch.bfloat16, marks=needs_onednn_bf16)  # a bf16 case of a
     [
         (3, 1, 1, 8, True, False),  # 3x3 on <= 64 pixels: im2col + one matrix product
         (3, 1, 1, 4, False, True),
-        (3, 1, 1, 16, True, False),  # larger maps, strides, 1x1: torch's own convolution
-        (3, 2, 1, 8, True, False),
+        (3, 2, 1, 8, True, False),  # stride 2 into <= 64 pixels (the UNet's Downsample): the same
+        (3, 2, 1, 7, False, True),
+        (3, 2, 1, 16, True, True),
+        (3, 1, 1, 16, True, False),  # larger maps, 1x1: torch's own convolution
+        (3, 2, 1, 18, True, False),
         (1, 1, 0, 8, True, True),
     ],
 )
@@ -61,8 +64,8 @@ def test_conv2d_matmul_path_equals_torch_conv(kernel, stride, padding, size, bia
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
         conv.to(memory_format=torch.channels_last)
-    small = size * size <= MatmulConv2d.MATMUL_MAX_PIXELS
-    assert conv._as_matmul(x) == (kernel == 3 and stride == 1 and small)
+    small = ((size - 1) // stride + 1) ** 2 <= MatmulConv2d.MATMUL_MAX_PIXELS  # output pixels
+    assert conv._as_matmul(x) == (kernel == 3 and small)
     x_ref = x.detach().clone().requires_grad_()
     x.requires_grad_()
     out, expected = conv(x), reference(x_ref)
@@ -80,18 +83,28 @@ def test_conv2d_matmul_path_only_for_wide_small_maps():
     assert not MatmulConv2d(64, 64, 3, padding=1)._as_matmul(small_map[:, :64])  # narrow: oneDNN is as fast
     assert not MatmulConv2d(1280, 1280, 3, padding=1)._as_matmul(torch.empty(2, 1280, 16, 16))
     assert not MatmulConv2d(1280, 1280, 3, padding=1)._as_matmul(small_map.to("meta"))  # CPU only
+    downsample = MatmulConv2d(1280, 1280, 3, stride=2, padding=1)
+    assert downsample._as_matmul(torch.empty(2, 1280, 16, 16))  # into 8x8 (the UNet's Downsample at 512²)
+    assert not downsample._as_matmul(torch.empty(2, 1280, 18, 18))  # into 9x9
+    assert not MatmulConv2d(1280, 1280, 3, stride=3, padding=1)._as_matmul(small_map)
+    assert not MatmulConv2d(1280, 1280, 3, stride=2, padding=0)._as_matmul(small_map)  # the VAE encoder's
 
 
 def test_use_matmul_convolutions_switches_only_wide_3x3_layers_and_keeps_the_numbers():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1024, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1))
-    x = torch.randn(2, 1024, 4, 4)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1024, 1024, 3, padding=1),
+        torch.nn.Conv2d(1024, 8, 3, stride=2, padding=1),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.Conv2d(1024, 8, 1),
+    )
+    x = torch.randn(2, 1024, 8, 8)
     with torch.no_grad():
-        plain = net(x)
-        assert use_matmul_convolutions(net) == 1
-        assert type(net[0]) is MatmulConv2d and type(net[1]) is torch.nn.Conv2d
-        assert net[0]._as_matmul(x)
-        torch.testing.assert_close(net(x), plain, rtol=0, atol=1e-4)
+        plain = net[:3](x), net[3](x)
+        assert use_matmul_convolutions(net) == 2
+        assert [type(conv) for conv in net] == [MatmulConv2d, MatmulConv2d, torch.nn.Conv2d, torch.nn.Conv2d]
+        assert net[0]._as_matmul(x) and net[1]._as_matmul(x)
+        torch.testing.assert_close(net[:3](x), plain[0], rtol=0, atol=1e-4)
 
 
 @needs_onednn
@@ -257,9 +270,9 @@ def test_winograd_takes_only_wide_3x3_layers():
         nn.Conv2d(256, 8, 3, padding=1),
         nn.Conv2d(128, 8, 3, padding=1),  # narrow
         nn.Conv2d(1280, 8, 1),  # 1x1
-        nn.Conv2d(1280, 8, 3, stride=2, padding=1),  # a downsampling: stays nn.Conv2d (bf16 with the rest)
+        nn.Conv2d(1280, 8, 3, stride=2, padding=1),  # a downsampling: a MatmulConv2d, not Winograd
     )
-    assert use_matmul_convolutions(net) == 0
+    assert use_matmul_convolutions(net) == 1 and type(net[4]) is MatmulConv2d
     assert use_winograd_convolutions(net, {torch.float32}) == 2
     assert [type(conv) is WinogradConv2d for conv in net] == [True, True, False, False, False]
     assert net[0].packed_dtypes == {torch.float32}
@@ -290,8 +303,7 @@ def test_winograd_conv3x3_hands_the_products_tiles_in_the_input_dtype(tiles, dty
 def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
     """From 256 channels; F(4x4) from 16x16 on into up to 640 channels. AVX2 only (Zen 1, slow fp32 units): on
     maps of up to 128x128. AVX512 (Zen 4), fp32: F(4x4) on maps of up to 64x64, F(2x2) from 640 channels on 8x8
-    to 32x32; bf16: F(2x2) from 640 channels on maps of up to 32x32 except the matmul path's (1024+ channels on
-    up to 64 pixels)."""
+    to 32x32; bf16: F(2x2) as in fp32."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
     f32, bf16, f2, f4 = torch.float32, torch.bfloat16, fast_paths.F2X2, fast_paths.F4X4
@@ -304,7 +316,9 @@ def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
         (320, 320, 32, f4, f4, None),
         (960, 320, 32, f4, f4, f2),
         (128, 128, 32, None, None, None),
-        (1280, 1280, 8, f2, f2, None),  # <= 64 pixels at 1024+ channels: one product in bf16
+        (1280, 1280, 8, f2, f2, f2),  # the matmul path's size: Winograd's is faster in bf16 too
+        (2560, 1280, 8, f2, f2, f2),
+        (640, 640, 4, f2, None, None),
         (1280, 1280, 4, f2, None, None),
         (1280, 1280, 16, f2, f2, f2),  # F(4x4) kernels of the 1280-channel levels would take 6.8 GB more
         (1920, 640, 16, f4, f4, f2),
@@ -473,6 +487,14 @@ def test_packed_fp32_linear_and_matmul_conv_equal_the_plain_layers():
     torch.testing.assert_close(packed[0], plain[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(packed[1], plain[1], rtol=0, atol=1e-4)
     assert packed[1].shape == (2, 64, 8, 8) and packed[1].is_contiguous()
+    downsample, odd_maps = nn.Conv2d(1024, 64, 3, stride=2, padding=1), torch.randn(2, 1024, 15, 15)
+    with torch.no_grad():
+        plain_down = downsample(odd_maps)
+        use_matmul_convolutions(downsample)
+        use_packed_linears(downsample, {torch.float32})
+        packed_down = downsample(odd_maps)
+    assert hasattr(downsample, "_packed_weight") and packed_down.shape == (2, 64, 8, 8)
+    torch.testing.assert_close(packed_down, plain_down, rtol=0, atol=1e-4)
     x.requires_grad_()
     linear(x).sum().backward()  # autograd: nn.Linear's path
     torch.testing.assert_close(x.grad, linear.weight.sum(0).expand_as(x))

@@ -1,7 +1,8 @@
 """CPU fast paths, applied to a built model by the runtime (the model itself uses plain layers).
 
-- `MatmulConv2d`: wide 3x3 convolutions on small feature maps (the SD UNet's 1280-channel 8x8 and 4x4 levels)
-  as one matrix product over im2col columns, where oneDNN's direct convolution is slow on such narrow maps.
+- `MatmulConv2d`: wide 3x3 convolutions on small feature maps (the SD UNet's 1280-channel 8x8 and 4x4 levels,
+  and its downsampling into them, stride 2) as one matrix product over im2col columns, where oneDNN's direct
+  convolution is slow on such narrow maps.
 - The VAE decoder's large levels in channels_last, where oneDNN's convolutions are faster on few-channel,
   large maps; in bf16 the whole decoder and the UNet, where torch would reorder NCHW maps for oneDNN's bf16
   convolutions at every layer (`use_channels_last_in_bf16`).
@@ -14,7 +15,7 @@
   packed (`release_packed_sources`).
 - `WinogradConv2d`: wide 3x3 convolutions as Winograd's F(2x2, 3x3) over packed products, 2.25x fewer
   multiplications, where it pays (`winograd_tiles`): in fp32 nearly all the UNet's maps and the VAE decoder's,
-  as F(4x4, 3x3) (4x fewer) on maps of 16x16 and more into up to 640 channels; in bf16 the UNet's 16x16 and
+  as F(4x4, 3x3) (4x fewer) on maps of 16x16 and more into up to 640 channels; in bf16 the UNet's 8x8 to
   32x32 maps of 640 channels and more (not with AMX, where the next one is faster).
 - `PackedConv2d`: the UNet's other convolutions in bf16 through oneDNN with prepacked kernels.
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
@@ -179,9 +180,10 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def is_plain_3x3(conv: nn.Conv2d) -> bool:
-    """A 3x3 convolution with stride 1 and zero padding 1: what the matmul and Winograd paths compute."""
-    plain = conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+def is_plain_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
+    """A 3x3 convolution with stride `stride` and zero padding 1: what the matmul path (stride 1 or 2) and
+    Winograd's (stride 1) compute."""
+    plain = conv.stride == (stride, stride) and conv.dilation == (1, 1) and conv.groups == 1
     return plain and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.padding_mode == "zeros"
 
 
@@ -232,36 +234,45 @@ class PackedConv2d(nn.Conv2d):
 
 
 class MatmulConv2d(PackedConv2d):
-    """nn.Conv2d (same parameters and state_dict) that on the CPU runs 3x3 convolutions with at least
-    `MATMUL_MIN_CHANNELS` input channels on maps of at most `MATMUL_MAX_PIXELS` pixels as one matrix product for
-    the whole batch (its pixels side by side); other inputs take PackedConv2d's path. The output is contiguous in
-    the input's memory format (NCHW, or channels_last where the packed product runs)."""
+    """nn.Conv2d (same parameters and state_dict) that on the CPU runs 3x3 convolutions (stride 1 or 2, zero
+    padding 1) with at least `MATMUL_MIN_CHANNELS` input channels into maps of at most `MATMUL_MAX_PIXELS`
+    pixels as one matrix product for the whole batch (its pixels side by side); other inputs take
+    PackedConv2d's path. The output is contiguous in the input's memory format (NCHW, or channels_last where the
+    packed product runs)."""
 
     MATMUL_MAX_PIXELS = 64
     MATMUL_MIN_CHANNELS = 1024
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
-        if self.in_channels < self.MATMUL_MIN_CHANNELS or x.shape[-2] * x.shape[-1] > self.MATMUL_MAX_PIXELS:
+        h, w = self._output_size(x)
+        if self.in_channels < self.MATMUL_MIN_CHANNELS or h * w > self.MATMUL_MAX_PIXELS:
             return False
-        return self._plain_3x3(x)
+        return self._plain_3x3(x, strides=(1, 2))
 
-    def _plain_3x3(self, x: torch.Tensor) -> bool:
-        """A 3x3 convolution with stride 1 and zero padding 1 (`is_plain_3x3`) of a CPU batch of maps."""
-        return is_plain_3x3(self) and x.ndim == 4 and x.device.type == "cpu"
+    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """(H', W') of a 3x3 convolution with zero padding 1 of x [B, C, H, W] at this stride."""
+        return (x.shape[-2] - 1) // self.stride[0] + 1, (x.shape[-1] - 1) // self.stride[1] + 1
+
+    def _plain_3x3(self, x: torch.Tensor, strides: tuple[int, ...] = (1,)) -> bool:
+        """A 3x3 convolution with a stride of `strides` and zero padding 1 (`is_plain_3x3`; stride 2: the UNet's
+        `Downsample`) of a CPU batch of maps."""
+        plain = any(is_plain_3x3(self, stride) for stride in strides)
+        return plain and x.ndim == 4 and x.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C_in, H, W] -> [B, C_out, H, W]."""
+        """x [B, C_in, H, W] -> [B, C_out, H', W'] (H' = H, or ceil(H / 2) with stride 2)."""
         if not self._as_matmul(x):
             return super().forward(x)
-        b, _, h, w = x.shape
         dtype = _product_dtype(self, self.weight, x)
         if dtype is not None:
-            rows = pixel_neighbourhoods(x.to(dtype)).view(b * h * w, -1)  # [B * H * W, 9 * C_in]
-            out = packed_linear(rows, self._packed_taps(dtype), self.bias, dtype)
+            rows = pixel_neighbourhoods(x.to(dtype), self.stride[0])  # [B, H', W', 9 * C_in]
+            b, h, w, _ = rows.shape
+            out = packed_linear(rows.view(b * h * w, -1), self._packed_taps(dtype), self.bias, dtype)
             out = out.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             return out if is_channels_last(x) else out.contiguous()
-        columns = F.unfold(x, 3, padding=1)  # [B, C_in * 9, H * W]
-        columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H * W]: one product
+        columns = F.unfold(x, 3, padding=1, stride=self.stride)  # [B, C_in * 9, H' * W']
+        b, (h, w) = x.shape[0], self._output_size(x)
+        columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H' * W']: one product
         weight = self.weight.reshape(self.out_channels, -1)
         out = weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], weight, columns)
         return out.view(self.out_channels, b, h, w).transpose(0, 1).contiguous()
@@ -277,12 +288,14 @@ class MatmulConv2d(PackedConv2d):
         return _made_once(self, "_packed_weight", self.weight, dtype, make)
 
 
-def pixel_neighbourhoods(x: torch.Tensor) -> torch.Tensor:
-    """Each pixel's zero-padded 3x3 neighbourhood: x [B, C, H, W] -> [B, H, W, 9 * C], the 9 maps shifted by
-    (row, column) in -1..1 side by side along the channels (row-major), one copy (channels_last in, the cheapest)."""
+def pixel_neighbourhoods(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """The zero-padded 3x3 neighbourhood of every `stride`-th pixel: x [B, C, H, W] -> [B, H', W', 9 * C]
+    (H' = ceil(H / stride)), the 9 maps shifted by (row, column) in -1..1 side by side along the channels
+    (row-major), one copy (channels_last in, the cheapest)."""
     _, _, h, w = x.shape
     padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # [B, H + 2, W + 2, C]
-    return torch.cat([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], dim=-1)
+    taps = [padded[:, i : i + h : stride, j : j + w : stride] for i in range(3) for j in range(3)]
+    return torch.cat(taps, dim=-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -440,22 +453,19 @@ def winograd_tiles(
     - fp32 with AVX512: F4X4 on maps of up to 64x64 (Zen 4: 0.46-0.91x oneDNN's convolution, 0.76-0.87x
       F2X2's), F2X2 from 640 channels on maps of 8x8 to 32x32 (0.37-0.76x oneDNN's convolution or the matmul
       path's); 4x4 maps (1.3x) and 128x128 ones (0.8-1.4x) keep the other paths;
-    - bf16 with AVX512: F2X2 from 640 channels on maps of up to 32x32, those of the matmul path (`MatmulConv2d`)
-      excepted (F4X4's tiles, rounded to bf16, make 10x the error); none with AMX, where oneDNN's prepacked bf16
-      convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time."""
+    - bf16 with AVX512: F2X2 as in fp32 (Zen 4: 0.63-0.9x the time of oneDNN's prepacked bf16 convolution or
+      the matmul path's, 8x8 maps included); F4X4's tiles, rounded to bf16, make 10x the error; none with AMX,
+      where oneDNN's prepacked bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time."""
     if in_channels < WINOGRAD_MIN_CHANNELS:
         return None
     four = out_channels <= WINOGRAD_4X4_MAX_OUT_CHANNELS and pixels >= 16 * 16
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         return None if pixels > 128 * 128 else F4X4 if four else F2X2
-    if dtype == torch.float32:
-        if four and pixels <= 64 * 64:
-            return F4X4
-        return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= 32 * 32 else None
-    if cpu_has_amx():
+    if dtype == torch.float32 and four and pixels <= 64 * 64:
+        return F4X4
+    if dtype != torch.float32 and cpu_has_amx():
         return None
-    as_matmul = in_channels >= MatmulConv2d.MATMUL_MIN_CHANNELS and pixels <= MatmulConv2d.MATMUL_MAX_PIXELS
-    return F2X2 if in_channels >= 640 and pixels <= 32 * 32 and not as_matmul else None
+    return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= 32 * 32 else None
 
 
 class WinogradConv2d(MatmulConv2d):
@@ -498,12 +508,12 @@ class WinogradConv2d(MatmulConv2d):
 
 
 def use_matmul_convolutions(module: nn.Module) -> int:
-    """Make every plain 3x3 nn.Conv2d (`is_plain_3x3`) of `module` wide enough for the matmul path a
-    `MatmulConv2d` (in place: the same parameters). Returns how many were switched."""
+    """Make every plain 3x3 nn.Conv2d (`is_plain_3x3`, stride 1 or 2) of `module` wide enough for the matmul
+    path a `MatmulConv2d` (in place: the same parameters). Returns how many were switched."""
     switched = 0
     for conv in module.modules():
         wide = getattr(conv, "in_channels", 0) >= MatmulConv2d.MATMUL_MIN_CHANNELS
-        if type(conv) is nn.Conv2d and wide and is_plain_3x3(conv):
+        if type(conv) is nn.Conv2d and wide and (is_plain_3x3(conv) or is_plain_3x3(conv, stride=2)):
             conv.__class__ = MatmulConv2d
             switched += 1
     return switched
