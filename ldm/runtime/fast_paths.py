@@ -272,7 +272,7 @@ class MatmulConv2d(PackedConv2d):
             return out if is_channels_last(x) else out.contiguous()
         columns = F.unfold(x, 3, padding=1, stride=self.stride)  # [B, C_in * 9, H' * W']
         b, (h, w) = x.shape[0], self._output_size(x)
-        columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H' * W']: one product
+        columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)  # [C_in * 9, B * H' * W']
         weight = self.weight.reshape(self.out_channels, -1)
         out = weight @ columns if self.bias is None else torch.addmm(self.bias[:, None], weight, columns)
         return out.view(self.out_channels, b, h, w).transpose(0, 1).contiguous()
