@@ -740,19 +740,24 @@ def test_blocked_attention_layer_takes_self_attention_in_its_dtypes_only(dtype):
 
 
 @pytest.mark.parametrize(
-    "capability, packed, amx, blocked",
+    "capability, zen5, packed, amx, blocked",
     [
-        ("AVX512", {torch.bfloat16, torch.float32}, False, {torch.bfloat16, torch.float32}),  # Zen 4 and 5
-        ("AVX512", {torch.float32}, False, {torch.float32}),  # AVX512 without bf16 units
-        ("AVX512", {torch.bfloat16, torch.float32}, True, None),  # Sapphire Rapids and later Xeons
-        ("AVX2", {torch.float32}, False, None),  # AVX2 only (Zen 1)
-        ("DEFAULT", set(), False, None),
+        ("AVX512", True, {torch.bfloat16, torch.float32}, False, {torch.bfloat16, torch.float32}),  # Zen 5
+        ("AVX512", False, {torch.bfloat16, torch.float32}, False, {torch.bfloat16}),  # Zen 4
+        ("AVX512", True, {torch.float32}, False, {torch.float32}),  # no bf16 units
+        ("AVX512", False, {torch.float32}, False, None),  # Intel's AVX512 without bf16 units
+        ("AVX512", False, {torch.bfloat16, torch.float32}, True, None),  # Sapphire Rapids and later Xeons
+        ("AVX2", False, {torch.float32}, False, None),  # AVX2 only (Zen 1)
+        ("DEFAULT", False, set(), False, None),
     ],
 )
-def test_blocked_attention_without_amx_in_the_packed_dtypes(monkeypatch, capability, packed, amx, blocked):
-    """With AMX, torch's bf16 flash kernel is faster than the blocked one (512² bf16 step 1.13x, BENCHMARKS.md),
-    and with AVX2 only its fp32 one (1.03-1.06x); otherwise blocked attention takes the dtypes whose products
-    run through oneDNN."""
+def test_blocked_attention_without_amx_in_the_packed_dtypes(
+    monkeypatch, capability, zen5, packed, amx, blocked
+):
+    """With AMX, torch's bf16 flash kernel is faster than the blocked one (512² bf16 step 1.13x, BENCHMARKS.md);
+    in fp32 the flash kernel is faster except where oneDNN's products outrun its MKL ones by 2x (full-width
+    AVX512 on AMD, Zen 5; Zen 4's 512² step 0.94x with the flash kernel); otherwise blocked attention takes the
+    dtypes whose products run through oneDNN."""
     from types import SimpleNamespace
 
     from ldm.modules.attention import CrossAttention
@@ -761,6 +766,7 @@ def test_blocked_attention_without_amx_in_the_packed_dtypes(monkeypatch, capabil
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(fast_paths, "packed_dtypes", lambda: frozenset(packed))
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(fast_paths, "cpu_has_full_width_avx512_on_amd", lambda: zen5)
     unet = nn.Sequential(CrossAttention(64, heads=4, dim_head=16))
     apply_cpu_fast_paths(SimpleNamespace(model=SimpleNamespace(diffusion_model=unet), first_stage_model=None))
     assert (type(unet[0]) is BlockedAttention) == (blocked is not None)

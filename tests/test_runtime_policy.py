@@ -119,3 +119,23 @@ def test_compiled_unet_runs_without_the_packed_fast_paths(tiny_ldm):
 def test_cpu_has_amx_needs_onednn_bf16_and_the_tiles(monkeypatch, onednn_bf16, amx, expected):
     cpu(monkeypatch, onednn_bf16=onednn_bf16, avx512_bf16=True, amx=amx)
     assert ldm.runtime.bf16.cpu_has_amx() == expected
+
+
+@pytest.mark.parametrize(
+    "vendor, family, capability, expected",
+    [
+        ("AuthenticAMD", "26", "AVX512", True),  # Zen 5: full-width AVX512
+        ("AuthenticAMD", "25", "AVX512", False),  # Zen 4: AVX512 in two halves
+        ("AuthenticAMD", "23", "AVX2", False),  # Zen 1
+        ("AuthenticAMD", "26", "AVX2", False),  # a torch that runs only AVX2 kernels there
+        ("GenuineIntel", "6", "AVX512", False),  # MKL runs AVX512 itself on Intel's CPUs
+    ],
+)
+def test_full_width_avx512_on_amd_from_the_cpu_family(
+    monkeypatch, tmp_path, vendor, family, capability, expected
+):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 2\n")
+    monkeypatch.setattr(ldm.runtime.bf16, "Path", lambda path: cpuinfo if path == "/proc/cpuinfo" else path)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert ldm.runtime.bf16.cpu_has_full_width_avx512_on_amd() is expected

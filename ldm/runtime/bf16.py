@@ -56,6 +56,21 @@ def cpu_has_amx() -> bool:
     return cpu_has_fast_bf16() and _cpu_reports("_is_amx_tile_supported")
 
 
+def cpu_has_full_width_avx512_on_amd() -> bool:
+    """Whether this is an AMD CPU that runs AVX512 at full width (Zen 5 and later: family 26 on): there oneDNN's
+    AVX512 fp32 products take about half the time of MKL's, which runs its AVX2 code on AMD CPUs. Zen 4 splits
+    AVX512 instructions in two 256-bit halves, so MKL keeps up with oneDNN there, and on Intel's CPUs MKL runs
+    AVX512 itself (BENCHMARKS.md). False where /proc/cpuinfo does not say."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    fields = dict(re.findall(r"^(vendor_id|cpu family)\s*:\s*(.*)$", info, re.MULTILINE))
+    family = fields.get("cpu family", "")
+    full_width = fields.get("vendor_id") == "AuthenticAMD" and family.isdigit() and int(family) >= 26
+    return full_width and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def _cpu_reports(check: str) -> bool:
     """torch.cpu's `check` (e.g. "_is_amx_tile_supported"); False where this torch has no such check."""
     return getattr(torch.cpu, check, lambda: False)()

@@ -21,7 +21,7 @@
 - `PackedGEGLU`: the transformer's gated GELU as two packed products with GELU and the gating product fused.
 - `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
   torch's flash kernel: in bf16 on CPUs with AVX512-BF16 but no AMX (with AMX, the flash kernel is faster), in
-  fp32 on AVX512 CPUs without AMX (measured on AMD, where torch's fp32 products are MKL's AVX2 code).
+  fp32 on AMD CPUs with full-width AVX512 (Zen 5), where torch's fp32 products are MKL's AVX2 code at half speed.
 All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
@@ -38,7 +38,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ldm.modules.attention import GEGLU, CrossAttention
 from ldm.modules.diffusionmodules.model import Decoder
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.runtime.bf16 import cpu_has_amx, cpu_has_native_bf16
+from ldm.runtime.bf16 import cpu_has_amx, cpu_has_full_width_avx512_on_amd, cpu_has_native_bf16
 from ldm.runtime.budget import available_bytes
 from ldm.runtime.memory import low_precision, release_tensor_pages
 
@@ -737,12 +737,13 @@ class BlockedAttention(CrossAttention):
 
 
 def blocked_attention_dtypes() -> frozenset[torch.dtype]:
-    """The dtypes whose self-attention runs blocked (`blocked_attention`) on this CPU: bf16 with bf16 units and
-    fp32 with AVX512, both without AMX, where torch's flash kernel was faster in bf16 (fp32 there is not
-    measured). With AVX2 only, the flash kernel was faster in fp32 (BENCHMARKS.md)."""
+    """The dtypes whose self-attention runs blocked (`blocked_attention`) on this CPU: bf16 with bf16 units but
+    no AMX, where torch's flash kernel was faster in bf16, and fp32 where oneDNN's products outrun the flash
+    kernel's (MKL's) by about 2x (`cpu_has_full_width_avx512_on_amd`, Zen 5: 0.68-0.83x its time). Elsewhere the
+    fp32 flash kernel was faster (Zen 4: blocked 1.25-2x its time; AVX2 only: 1.03-1.06x; BENCHMARKS.md)."""
     if cpu_has_amx():
         return frozenset()
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+    if not cpu_has_full_width_avx512_on_amd():
         return packed_dtypes() - {torch.float32}
     return packed_dtypes()
 
