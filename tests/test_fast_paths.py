@@ -772,3 +772,45 @@ def test_blocked_attention_without_amx_in_the_packed_dtypes(
     assert (type(unet[0]) is BlockedAttention) == (blocked is not None)
     if blocked is not None:
         assert unet[0].blocked_dtypes == blocked
+
+
+@needs_onednn
+def test_context_projections_skip_a_repeated_context_with_the_same_numbers():
+    """The cross-attention's key and value projections (`ContextLinear`) return their previous output for an equal
+    context, and compute afresh for a new context, a new weight (a merged LoRA) or autograd."""
+    from ldm.modules.attention import BasicTransformerBlock
+    from ldm.runtime.fast_paths import ContextLinear, use_context_cache
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(32, 2, 16, context_dim=24).eval()
+    plain = copy.deepcopy(block)
+    use_packed_linears(block, {torch.float32, torch.bfloat16})
+    assert use_context_cache(block) == 2
+    assert type(block.attn2.to_k) is ContextLinear and type(block.attn1.to_k) is PackedLinear
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    other = torch.randn(2, 7, 24)
+    with (
+        torch.inference_mode(),
+        mock.patch.object(fast_paths, "packed_linear", wraps=fast_paths.packed_linear) as spy,
+    ):
+        first = block.attn2(x, context)
+        products = spy.call_count  # q, k, v, out
+        again = block.attn2(x, context.clone())
+        assert spy.call_count - products == 2  # q and out only: k and v came back
+        assert again.equal(first)
+        passed = other.clone()
+        block.attn2(x, passed)
+        passed.mul_(3)  # the caller changes its tensor afterwards: the cache kept its own copy
+        torch.testing.assert_close(block.attn2(x, passed), plain.attn2(x, passed), rtol=0, atol=1e-5)
+        torch.testing.assert_close(block.attn2(x, other), plain.attn2(x, other), rtol=0, atol=1e-5)
+        for layer in (block, plain):  # a LoRA merges into a new tensor
+            layer.attn2.to_k.weight.data = layer.attn2.to_k.weight.data * 2
+        torch.testing.assert_close(block.attn2(x, other), plain.attn2(x, other), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            block.attn2(x, other[:, :5]), plain.attn2(x, other[:, :5]), rtol=0, atol=1e-5
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(block.attn2(x, other), plain.attn2(x, other), rtol=0, atol=1e-5)
+    x.requires_grad_()
+    block.attn2(x, other).sum().backward()  # autograd: nn.Linear's path, nothing cached
+    assert x.grad is not None
