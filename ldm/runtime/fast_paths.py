@@ -842,8 +842,8 @@ def low_precision_with_fast_paths(model: nn.Module, dtype: torch.dtype) -> None:
 
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     """The CPU fast paths on a LatentDiffusion: with `unet`, matmul, (memory permitting, `winograd_fits`)
-    Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names,
-    blocked attention where it pays (`blocked_attention_dtypes`), channels_last in bf16 (a UNet that torch.compile
+    Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names
+    (the text context's keys and values made once, `use_context_cache`), blocked attention where it pays (`blocked_attention_dtypes`), channels_last in bf16 (a UNet that torch.compile
     will compile gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last
     in the VAE decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions and
     (memory permitting) Winograd's where it pays."""
