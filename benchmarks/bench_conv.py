@@ -34,10 +34,10 @@ from ldm.runtime.fast_paths import (  # noqa: E402
     packed_dtypes,
 )
 
-# (input channels, output channels, map side) of the UNet's 3x3 convolutions: 4x4 and 8x8 (matrix products in
-# bf16, Winograd's F(2x2) in fp32 but at 4x4 with AVX512), 16x16 and 32x32 (Winograd; F(4x4) into up to 640
-# channels in fp32), 64x64 (F(4x4) in fp32); then the VAE decoder's 512-channel 64x64 and 128x128 levels (F(4x4)
-# in fp32, at 128x128 with AVX2 only)
+# (input channels, output channels, map side) of the UNet's 3x3 convolutions: 4x4 (matrix products, Winograd's
+# F(2x2) with AVX2 only), 8x8 (F(2x2); matrix products with AMX in bf16), 16x16 and 32x32 (Winograd; F(4x4) into
+# up to 640 channels in fp32), 64x64 (F(4x4) in fp32); then the VAE decoder's 512-channel 64x64 and 128x128 levels
+# (F(4x4) in fp32, at 128x128 with AVX2 only)
 SHAPES = [
     (1280, 1280, 4), (2560, 1280, 8), (1280, 1280, 8), (640, 640, 16), (1920, 640, 16), (1280, 1280, 16),
     (2560, 1280, 16), (320, 320, 32), (640, 640, 32), (1920, 640, 32), (1280, 1280, 32), (640, 320, 64),
