@@ -61,11 +61,7 @@ def cpu_has_full_width_avx512_on_amd() -> bool:
     AVX512 fp32 products take about half the time of MKL's, which runs its AVX2 code on AMD CPUs. Zen 4 splits
     AVX512 instructions in two 256-bit halves, so MKL keeps up with oneDNN there, and on Intel's CPUs MKL runs
     AVX512 itself (BENCHMARKS.md). False where /proc/cpuinfo does not say."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    fields = dict(re.findall(r"^(vendor_id|cpu family)\s*:\s*(.*)$", info, re.MULTILINE))
+    fields = _cpuinfo_fields("vendor_id", "cpu family") or {}
     family = fields.get("cpu family", "")
     full_width = fields.get("vendor_id") == "AuthenticAMD" and family.isdigit() and int(family) >= 26
     return full_width and torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -120,10 +116,19 @@ class Bf16ProductsInFp32(TorchDispatchMode):
 def cpu_identity() -> tuple[str, str, frozenset[str]]:
     """The CPU's name, model number and flags as Linux's /proc/cpuinfo gives them (for benchmarks and pinned
     references); elsewhere the platform's processor string, "?" and no flags."""
+    fields = _cpuinfo_fields("model name", "model", "flags")
+    if fields is None:
+        return platform.processor() or "unknown CPU", "?", frozenset()
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    return name, fields.get("model", "?"), frozenset(fields.get("flags", "").split())
+
+
+def _cpuinfo_fields(*names: str) -> dict[str, str] | None:
+    """The value of each field in `names` that Linux's /proc/cpuinfo gives (its last processor's), or None without
+    that file."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown CPU", "?", frozenset()
-    fields = dict(re.findall(r"^(model name|model|flags)\s*:\s*(.*)$", info, re.MULTILINE))
-    name = fields.get("model name") or platform.processor() or "unknown CPU"
-    return name, fields.get("model", "?"), frozenset(fields.get("flags", "").split())
+        return None
+    pattern = rf"^({'|'.join(re.escape(name) for name in names)})\s*:\s*(.*)$"
+    return dict(re.findall(pattern, info, re.MULTILINE))

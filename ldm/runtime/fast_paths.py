@@ -203,10 +203,11 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def is_plain_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
-    """A 3x3 convolution with stride `stride` and zero padding 1: what the matmul path (stride 1 or 2) and
-    Winograd's (stride 1) compute."""
-    plain = conv.stride == (stride, stride) and conv.dilation == (1, 1) and conv.groups == 1
+def is_plain_3x3(conv: nn.Conv2d, strides: tuple[int, ...] = (1,)) -> bool:
+    """A 3x3 convolution with zero padding 1 and the same stride along both axes, one of `strides`: what the
+    matmul path (`MatmulConv2d.MATMUL_STRIDES`) and Winograd's (stride 1) compute."""
+    square_stride = conv.stride[0] == conv.stride[1] and conv.stride[0] in strides
+    plain = square_stride and conv.dilation == (1, 1) and conv.groups == 1
     return plain and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.padding_mode == "zeros"
 
 
@@ -265,22 +266,22 @@ class MatmulConv2d(PackedConv2d):
 
     MATMUL_MAX_PIXELS = 64
     MATMUL_MIN_CHANNELS = 1024
+    MATMUL_STRIDES = (1, 2)  # 2: the UNet's `Downsample`
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
         h, w = self._output_size(x)
         if self.in_channels < self.MATMUL_MIN_CHANNELS or h * w > self.MATMUL_MAX_PIXELS:
             return False
-        return self._plain_3x3(x, strides=(1, 2))
+        return self._plain_3x3(x, self.MATMUL_STRIDES)
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         """(H', W') of a 3x3 convolution with zero padding 1 of x [B, C, H, W] at this stride."""
         return (x.shape[-2] - 1) // self.stride[0] + 1, (x.shape[-1] - 1) // self.stride[1] + 1
 
     def _plain_3x3(self, x: torch.Tensor, strides: tuple[int, ...] = (1,)) -> bool:
-        """A 3x3 convolution with a stride of `strides` and zero padding 1 (`is_plain_3x3`; stride 2: the UNet's
-        `Downsample`) of a CPU batch of maps."""
-        plain = any(is_plain_3x3(self, stride) for stride in strides)
-        return plain and x.ndim == 4 and x.device.type == "cpu"
+        """A 3x3 convolution with a stride of `strides` and zero padding 1 (`is_plain_3x3`) of a CPU batch of
+        maps."""
+        return is_plain_3x3(self, strides) and x.ndim == 4 and x.device.type == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C_in, H, W] -> [B, C_out, H', W'] (H' = H, or ceil(H / 2) with stride 2)."""
@@ -531,12 +532,12 @@ class WinogradConv2d(MatmulConv2d):
 
 
 def use_matmul_convolutions(module: nn.Module) -> int:
-    """Make every plain 3x3 nn.Conv2d (`is_plain_3x3`, stride 1 or 2) of `module` wide enough for the matmul
-    path a `MatmulConv2d` (in place: the same parameters). Returns how many were switched."""
+    """Make every plain 3x3 nn.Conv2d (`is_plain_3x3` at `MatmulConv2d.MATMUL_STRIDES`) of `module` wide enough
+    for the matmul path a `MatmulConv2d` (in place: the same parameters). Returns how many were switched."""
     switched = 0
     for conv in module.modules():
         wide = getattr(conv, "in_channels", 0) >= MatmulConv2d.MATMUL_MIN_CHANNELS
-        if type(conv) is nn.Conv2d and wide and (is_plain_3x3(conv) or is_plain_3x3(conv, stride=2)):
+        if type(conv) is nn.Conv2d and wide and is_plain_3x3(conv, MatmulConv2d.MATMUL_STRIDES):
             conv.__class__ = MatmulConv2d
             switched += 1
     return switched
@@ -843,8 +844,9 @@ def low_precision_with_fast_paths(model: nn.Module, dtype: torch.dtype) -> None:
 def apply_cpu_fast_paths(model: nn.Module, unet: bool = True) -> None:
     """The CPU fast paths on a LatentDiffusion: with `unet`, matmul, (memory permitting, `winograd_fits`)
     Winograd and packed convolutions in the UNet, prepacked weights there in the dtypes `packed_dtypes` names
-    (the text context's keys and values made once, `use_context_cache`), blocked attention where it pays (`blocked_attention_dtypes`), channels_last in bf16 (a UNet that torch.compile
-    will compile gets none: inductor makes its own kernels, and cannot lower the packed products); channels_last
+    (the text context's keys and values made once, `use_context_cache`), blocked attention where it pays
+    (`blocked_attention_dtypes`), channels_last in bf16 (a UNet that torch.compile will compile gets none:
+    inductor makes its own kernels, and cannot lower the packed products); channels_last
     in the VAE decoder, in its large levels in fp32 and throughout in bf16, with packed bf16 convolutions and
     (memory permitting) Winograd's where it pays."""
     if unet:
