@@ -24,7 +24,9 @@
 - `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
   torch's flash kernel: in bf16 on CPUs with AVX512-BF16 but no AMX (with AMX, the flash kernel is faster), in
   fp32 on AMD CPUs with full-width AVX512 (Zen 5), where torch's fp32 products are MKL's AVX2 code at half speed.
-All give the plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
+Winograd's products and the blocked attention's blocks run in parts over the intra-op threads, each thread on
+its own part (`split_over_threads`). All give the plain layers' numbers up to float summation order;
+BENCHMARKS.md has their measured gains.
 """
 
 from collections.abc import Callable, Iterator
@@ -43,6 +45,7 @@ from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.runtime.bf16 import cpu_has_amx, cpu_has_full_width_avx512_on_amd, cpu_has_native_bf16
 from ldm.runtime.budget import available_bytes
 from ldm.runtime.memory import low_precision, release_tensor_pages
+from ldm.runtime.threads import one_intra_op_thread, split_over_threads
 
 
 def packed_dtypes() -> frozenset[torch.dtype]:
@@ -495,8 +498,8 @@ def winograd_tiles(
 class WinogradConv2d(MatmulConv2d):
     """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions as Winograd's F(2x2, 3x3) or
     F(4x4, 3x3) (`winograd_conv3x3`) where it pays on this CPU (`winograd_tiles`): n^2 packed products over
-    m x m output tiles in place of 9 taps a pixel, 2.25x or 4x fewer multiplications, for inference on the CPU in
-    `packed_dtypes`. Other inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
+    m x m output tiles in place of 9 taps a pixel, 2.25x or 4x fewer multiplications (in parts over the threads,
+    `split_over_threads`), for inference on the CPU in `packed_dtypes`. Other inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
 
     def _winograd_tiles(self, x: torch.Tensor, dtype: torch.dtype) -> WinogradTiles | None:
         """The tiles the product of x [B, C_in, H, W] in `dtype` runs in as Winograd's, or None."""
@@ -514,10 +517,16 @@ class WinogradConv2d(MatmulConv2d):
         bias = None if self.bias is None else self.bias.to(dtype)
 
         def products(transformed: torch.Tensor) -> torch.Tensor:
-            return torch.stack([
-                onednn_product(transformed[k], kernel, bias if k == tiles.bias_position else None)
-                for k, kernel in enumerate(kernels)
-            ])  # fmt: skip
+            out = transformed.new_empty(len(kernels), transformed.shape[1], self.out_channels)
+
+            def multiply(positions: range) -> None:
+                for k in positions:
+                    out[k] = onednn_product(
+                        transformed[k], kernels[k], bias if k == tiles.bias_position else None
+                    )
+
+            split_over_threads(multiply, len(kernels))
+            return out
 
         return winograd_conv3x3(x.to(dtype), products, tiles)
 
@@ -637,12 +646,8 @@ class OneThreadGroupNorm(GroupNorm32):
         """x [B, C, H, W] -> [B, C, H, W]."""
         if not is_channels_last(x) or x.shape[-2] * x.shape[-1] < ONE_THREAD_NORM_PIXELS:
             return super().forward(x)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_intra_op_thread():
             return super().forward(x)
-        finally:
-            torch.set_num_threads(threads)
 
 
 def use_one_thread_norms(module: nn.Module) -> int:
@@ -734,7 +739,7 @@ def _exp_without_maximum(q: torch.Tensor, keys: torch.Tensor) -> list[bool]:
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v, q [B, H, N, d] over k, v [B, H, M, d] -> [B, H, N, d], as oneDNN products
     (`onednn_product`) one head and BLOCK_QUERIES queries at a time (each block's scores stay in cache), in q's
-    dtype. Faster than torch's flash kernel in bf16 on CPUs with bf16 units but no AMX (the kernel widens its
+    dtype, the blocks in parts over the threads (`split_over_threads`). Faster than torch's flash kernel in bf16 on CPUs with bf16 units but no AMX (the kernel widens its
     products to fp32 there) and in fp32 on AVX512 CPUs (its products are MKL's).
 
     The values carry a column of ones, so the product with the attention weights also gives each row's sum, and
@@ -749,12 +754,18 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     values = F.pad(v.reshape(b * h, -1, d), (0, width - d)).transpose(1, 2).contiguous()  # [BH, width, M]
     values[:, d] = 1
     out = q.new_empty(b * h, n, width)
-    for head, exp_only in enumerate(_exp_without_maximum(q, keys)):
-        for start in range(0, n, BLOCK_QUERIES):
-            rows = slice(start, start + BLOCK_QUERIES)
+    exp_only = _exp_without_maximum(q, keys)
+    blocks = -(-n // BLOCK_QUERIES)  # query blocks a head
+
+    def attend(items: range) -> None:
+        for item in items:
+            head, start = divmod(item, blocks)
+            rows = slice(start * BLOCK_QUERIES, (start + 1) * BLOCK_QUERIES)
             scores = onednn_product(q[head, rows], keys[head])  # [block, M]
-            weights = scores.exp_() if exp_only else torch.softmax(scores, dim=-1)
+            weights = scores.exp_() if exp_only[head] else torch.softmax(scores, dim=-1)
             out[head, rows] = onednn_product(weights, values[head])
+
+    split_over_threads(attend, b * h * blocks)
     return (out[..., :d] / out[..., d : d + 1]).view(b, h, n, d)
 
 
