@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.runtime import fast_paths
-from ldm.runtime.threads import one_intra_op_thread, split_over_threads
+from ldm.runtime.threads import intra_op_threads, split_over_threads
 
 
 @pytest.fixture
@@ -18,28 +18,33 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
-def test_one_intra_op_thread_gives_the_count_back_after_an_error(two_threads):
-    with pytest.raises(RuntimeError), one_intra_op_thread() as before:
+def test_intra_op_threads_give_the_count_back_after_an_error(two_threads):
+    with pytest.raises(RuntimeError), intra_op_threads(1) as before:
         assert before == 2 and torch.get_num_threads() == 1
         raise RuntimeError("inside")
     assert torch.get_num_threads() == 2
 
 
-@pytest.mark.parametrize("count", [1, 2, 7])
-def test_split_covers_every_item_once_on_one_thread_each(two_threads, count):
+@pytest.mark.parametrize(
+    "threads, count, parts, share", [(2, 1, 1, 2), (2, 2, 2, 1), (2, 7, 2, 1), (4, 2, 2, 2), (4, 3, 3, 1)]
+)
+def test_split_covers_every_item_once_in_parts_on_their_share_of_the_threads(threads, count, parts, share):
     seen: list[tuple[str, list[int], int]] = []
     lock = threading.Lock()
+    all_started = threading.Barrier(parts, timeout=10)  # breaks unless the parts run at once
 
     def work(part: range) -> None:
         with lock:
             seen.append((threading.current_thread().name, list(part), torch.get_num_threads()))
+        all_started.wait()
 
-    split_over_threads(work, count)
+    with intra_op_threads(threads):
+        split_over_threads(work, count)
+        assert torch.get_num_threads() == threads
     assert sorted(item for _, part, _ in seen for item in part) == list(range(count))
-    assert len({name for name, _, _ in seen}) == len(seen) == min(2, count)
+    assert len({name for name, _, _ in seen}) == len(seen) == parts
     assert all(part == list(range(part[0], part[0] + len(part))) for _, part, _ in seen)  # contiguous
-    assert all(threads == (1 if count > 1 else 2) for _, _, threads in seen)  # inline with one item
-    assert torch.get_num_threads() == 2
+    assert all(threads_seen == share for _, _, threads_seen in seen)
 
 
 def test_split_carries_grad_and_inference_mode_and_waits_for_every_part_before_raising(two_threads):

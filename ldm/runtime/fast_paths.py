@@ -45,7 +45,7 @@ from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.runtime.bf16 import cpu_has_amx, cpu_has_full_width_avx512_on_amd, cpu_has_native_bf16
 from ldm.runtime.budget import available_bytes
 from ldm.runtime.memory import low_precision, release_tensor_pages
-from ldm.runtime.threads import one_intra_op_thread, split_over_threads
+from ldm.runtime.threads import intra_op_threads, split_over_threads
 
 
 def packed_dtypes() -> frozenset[torch.dtype]:
@@ -646,7 +646,7 @@ class OneThreadGroupNorm(GroupNorm32):
         """x [B, C, H, W] -> [B, C, H, W]."""
         if not is_channels_last(x) or x.shape[-2] * x.shape[-1] < ONE_THREAD_NORM_PIXELS:
             return super().forward(x)
-        with one_intra_op_thread():
+        with intra_op_threads(1):
             return super().forward(x)
 
 
