@@ -12,10 +12,8 @@ from ldm.runtime.threads import intra_op_threads, split_over_threads
 
 @pytest.fixture
 def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with intra_op_threads(2):
+        yield
 
 
 def test_intra_op_threads_give_the_count_back_after_an_error(two_threads):
