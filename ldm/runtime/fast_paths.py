@@ -504,7 +504,8 @@ class WinogradConv2d(MatmulConv2d):
     """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions as Winograd's F(2x2, 3x3) or
     F(4x4, 3x3) (`winograd_conv3x3`) where it pays on this CPU (`winograd_tiles`): n^2 packed products over
     m x m output tiles in place of 9 taps a pixel, 2.25x or 4x fewer multiplications (in parts over the threads,
-    `split_over_threads`), for inference on the CPU in `packed_dtypes`. Other inputs take MatmulConv2d's path. BENCHMARKS.md has the gains and errors."""
+    `split_over_threads`), for inference on the CPU in `packed_dtypes`. Other inputs take MatmulConv2d's path.
+    BENCHMARKS.md has the gains and errors."""
 
     def _winograd_tiles(self, x: torch.Tensor, dtype: torch.dtype) -> WinogradTiles | None:
         """The tiles the product of x [B, C_in, H, W] in `dtype` runs in as Winograd's, or None."""
