@@ -206,7 +206,7 @@ def child_e2e(impl: str, path: Path, size: int, steps: int, outdir: Path) -> Non
 def child_unet(impl: str, path: Path, size: int, reps: int) -> None:
     """UNet steps (batch 2) in a fresh process set up as each implementation's txt2img sets it up: ours with
     `keep_freed_memory`, as its scripts do on the CPU. Median of `reps` steps after one warm-up."""
-    from ldm.runtime.memory import keep_freed_memory
+    from ldm.heap import keep_freed_memory
 
     torch.manual_seed(0)
     x, t, c = (
@@ -447,10 +447,10 @@ def peers(path: Path, reps: int, sizes: tuple[int, ...]) -> dict:
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import load_model_from_config
+    from ldm.heap import keep_freed_memory
     from ldm.runtime import precision_scope
     from ldm.runtime.bf16 import cpu_has_native_bf16
     from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
-    from ldm.runtime.memory import keep_freed_memory
 
     def load():
         loaded = load_model_from_config(OmegaConf.load(CONFIG), str(path), verbose=False)

@@ -24,6 +24,7 @@ from ldm.cli import (
     recorded_parameters,
     remake_command,
     run_cli,
+    warm_heap_for,
 )
 from ldm.errors import UserError
 from ldm.hires import decide_vae_tiling, scaled_size
@@ -38,6 +39,7 @@ def size_given(argv: Sequence[str] | None) -> set[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     opt = parse_args("img2img", __doc__, argv)
+    warm_heap_for(opt)
     given = size_given(argv)
     opt.W, opt.H = (opt.W if "W" in given else None), (opt.H if "H" in given else None)
     if not opt.init_img:

@@ -26,6 +26,7 @@ from ldm.cli import (
     recorded_parameters,
     remake_command,
     run_cli,
+    warm_heap_for,
 )
 from ldm.errors import UserError
 from ldm.hires import decide_vae_tiling, parse_outpaint
@@ -34,6 +35,7 @@ from ldm.loading import check_latent_flags, load_config, size_multiple
 
 def main(argv: Sequence[str] | None = None) -> None:
     opt = parse_args("inpaint", __doc__, argv)
+    warm_heap_for(opt)
     if not opt.init_img or not (opt.mask or opt.outpaint):
         raise UserError(
             "inpainting needs an image and a mask: pass --init-img IMAGE --mask MASK (or --outpaint SIDES)"

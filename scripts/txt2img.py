@@ -15,6 +15,7 @@ from ldm.cli import (
     recorded_parameters,
     remake_command,
     run_cli,
+    warm_heap_for,
 )
 from ldm.hires import decide_vae_tiling, hires_options, hires_record, resolve_hires_sampler
 from ldm.loading import check_image_size, check_latent_flags, load_config, size_multiple
@@ -25,6 +26,7 @@ LAION_CKPT = "models/ldm/text2img-large/model.ckpt"
 
 def main(argv: Sequence[str] | None = None) -> None:
     opt = parse_args("txt2img", __doc__, argv)
+    warm_heap_for(opt)
     if opt.laion400m:
         print("Falling back to LAION 400M model...")
         opt.config, opt.ckpt, opt.outdir = LAION_CONFIG, LAION_CKPT, "outputs/txt2img-samples-laion400m"

@@ -274,8 +274,8 @@ def test_lora_sets_switched_on_packed_layers_give_the_plain_models_eps(base):
     merged tensors, freed and allocated again) repacks, so each set's eps are the plain model's."""
     import copy
 
+    from ldm.heap import keep_freed_memory
     from ldm.runtime.fast_paths import use_packed_linears
-    from ldm.runtime.memory import keep_freed_memory
 
     model, _, folder = base
     keep_freed_memory()  # as the scripts run: freed blocks come back for the next tensors of the same size
@@ -300,9 +300,9 @@ def test_lora_sets_switched_on_packed_bf16_layers_give_a_fresh_models_eps(base):
     channels_last): after each switch of LoRA sets, exactly the eps of a model prepared afresh with that set."""
     import copy
 
+    from ldm.heap import keep_freed_memory
     from ldm.runtime import precision_scope
     from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
-    from ldm.runtime.memory import keep_freed_memory
 
     model, _, folder = base
     keep_freed_memory()

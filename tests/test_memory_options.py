@@ -227,7 +227,7 @@ def test_release_idle_units_gives_the_plain_image_with_one_unit_resident(tiny_ld
 
 HEAP_PROBE = """
 import resource, sys, torch
-from ldm.runtime.memory import keep_freed_memory, trim_heap
+from ldm.heap import keep_freed_memory, trim_heap
 
 def rss_mib():
     return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))

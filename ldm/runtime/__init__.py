@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from ldm.errors import UserError
+from ldm.heap import keep_freed_memory, release_warm_heap
 from ldm.runtime.bf16 import Bf16ProductsInFp32, cpu_has_fast_bf16, cpu_has_native_bf16
 from ldm.runtime.fast_paths import apply_cpu_fast_paths, low_precision_with_fast_paths
 from ldm.runtime.memory import (
     enable_lowvram,
-    keep_freed_memory,
     low_precision,
     release_idle_units,
     set_attention_chunk,
@@ -129,7 +129,8 @@ def prepare(
     """Apply the runtime to a loaded LatentDiffusion on `device`: low-precision weights for autocast (fp16 on
     CUDA, bf16 on the CPU), tiling, attention chunks, threads (`default_threads` on the CPU unless given, with
     a hint when the cores are busy), compile; on the CPU the fast paths, malloc keeping
-    freed activations for reuse, and only the module in use resident; elsewhere --lowvram offloading.
+    freed activations for reuse, and only the module in use resident; elsewhere --lowvram offloading. A heap
+    warmed ahead (`ldm.heap.warm_heap`) goes to the UNet's first step, or back to malloc now without fast paths.
     The openvino backend (CPU only) replaces low precision and the fast paths, both for the modules it runs;
     `weights` says what their weights are (see ldm.runtime.openvino.use_openvino)."""
     openvino = options.backend == "openvino"
@@ -158,6 +159,10 @@ def prepare(
             print("--lowvram: on the CPU only the module in use stays resident anyway: nothing to offload")
     elif options.lowvram:
         enable_lowvram(model, device)
+    if fast_paths and not options.compile:  # the UNet's first step packs into the warmed heap, after its trim
+        model.model.diffusion_model.register_forward_pre_hook(release_warm_heap)
+    else:
+        release_warm_heap()
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     elif device.type == "cpu":

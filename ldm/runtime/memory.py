@@ -5,13 +5,13 @@ low-precision weights (fp16 on CUDA, bf16 on the CPU)."""
 import bisect
 import ctypes
 import mmap
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from itertools import chain
 
 import torch
 from torch import nn
 
+from ldm.heap import libc_function, trim_heap
 from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.model import AttnBlock
 from ldm.modules.diffusionmodules.openaimodel import QKVAttention, QKVAttentionLegacy
@@ -73,28 +73,6 @@ def enable_lowvram(model: nn.Module, device: torch.device | str, offload: torch.
 
 
 _MADV_DONTNEED = 4
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-
-
-def _libc_function(name: str) -> Callable | None:
-    """The C library's function `name` on Linux (glibc's mallopt, malloc_trim, madvise); None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    return getattr(ctypes.CDLL(None, use_errno=True), name, None)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed blocks for reuse instead of returning them to the OS (Linux/glibc;
-    elsewhere a no-op returning False).
-
-    glibc serves every block over 32 MB with its own mmap and unmaps it when freed, so each large activation of a
-    UNet step is page-faulted in afresh at every step (BENCHMARKS.md has the cost). With this, they come from the
-    heap, which keeps what is freed; peak RSS grows by the heap's spare room."""
-    mallopt = _libc_function("mallopt")
-    if mallopt is None:
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _clean_file_mappings() -> list[tuple[int, int]]:
@@ -124,7 +102,7 @@ def release_pages(*modules: nn.Module) -> int:
 
 def release_tensor_pages(tensors: Iterable[torch.Tensor]) -> int:
     """`release_pages` for the tensors themselves. Returns the bytes released."""
-    madvise = _libc_function("madvise")
+    madvise = libc_function("madvise")
     tensors = [t for t in tensors if t.device.type == "cpu" and t.numel()]
     if madvise is None or not tensors:
         return 0
@@ -152,12 +130,6 @@ def release_tensor_pages(tensors: Iterable[torch.Tensor]) -> int:
         if madvise(begin, end - begin, _MADV_DONTNEED) == 0:
             released += end - begin
     return released
-
-
-def trim_heap() -> bool:
-    """Return the heap's free memory to the OS (glibc's malloc_trim; elsewhere a no-op returning False)."""
-    malloc_trim = _libc_function("malloc_trim")
-    return malloc_trim is not None and bool(malloc_trim(0))
 
 
 def release_idle_units(model: nn.Module) -> None:
