@@ -217,11 +217,12 @@ def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
     packed there (the same numbers as torch's), Winograd's elsewhere; fp32 takes Winograd's on either CPU."""
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    tiles = [fast_paths.winograd_tiles(dtype, 640, 16, 8 * 8) for dtype in (torch.float32, torch.bfloat16)]
-    assert tiles == [fast_paths.F2X2, None if amx else fast_paths.F2X2]
+    tiles = [fast_paths.winograd_tiles(dtype, 640, 640, 32 * 32) for dtype in (torch.float32, torch.bfloat16)]
+    assert tiles == [fast_paths.F4X4, None if amx else fast_paths.F2X2]
     torch.manual_seed(0)
     conv = WinogradConv2d(640, 16, 3, padding=1).bfloat16()
     conv.packed_dtypes = frozenset({torch.bfloat16})
+    monkeypatch.setattr(fast_paths, "WINOGRAD_BF16_MIN_WORK", 0)  # this small layer too
     x = torch.randn(2, 640, 8, 8).bfloat16().contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         out = conv(x)
@@ -303,25 +304,27 @@ def test_winograd_conv3x3_hands_the_products_tiles_in_the_input_dtype(tiles, dty
 def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
     """From 256 channels; F(4x4) from 16x16 on into up to 640 channels. AVX2 only (Zen 1, slow fp32 units): on
     maps of up to 128x128. AVX512 (Zen 4), fp32: F(4x4) on maps of up to 64x64, F(2x2) from 640 channels on 8x8
-    to 32x32; bf16: F(2x2) as in fp32."""
+    to 32x32; bf16: F(2x2) as in fp32 where pixels x C_in x C_out reach 2^28."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
     f32, bf16, f2, f4 = torch.float32, torch.bfloat16, fast_paths.F2X2, fast_paths.F4X4
     for c_in, c_out, side, avx2, avx512, avx512_bf16 in [
         (640, 640, 32, f4, f4, f2),
-        (640, 640, 8, f2, f2, f2),
+        (640, 640, 8, f2, f2, None),  # bf16: too little work for Winograd's transforms (2^24.6)
         (640, 320, 64, f4, f4, None),  # larger maps: oneDNN's convolution is faster in bf16
         (512, 512, 128, f4, None, None),  # the VAE decoder's 128x128 level
         (256, 256, 256, None, None, None),
         (320, 320, 32, f4, f4, None),
         (960, 320, 32, f4, f4, f2),
         (128, 128, 32, None, None, None),
-        (1280, 1280, 8, f2, f2, f2),  # the matmul path's size: Winograd's is faster in bf16 too
-        (2560, 1280, 8, f2, f2, f2),
+        (1280, 1280, 8, f2, f2, None),  # the matmul path's size: it is faster in bf16 (2^26.6)
+        (2560, 1280, 8, f2, f2, None),  # 2^27.6
         (640, 640, 4, f2, None, None),
         (1280, 1280, 4, f2, None, None),
         (1280, 1280, 16, f2, f2, f2),  # F(4x4) kernels of the 1280-channel levels would take 6.8 GB more
-        (1920, 640, 16, f4, f4, f2),
+        (1920, 640, 16, f4, f4, f2),  # 2^28.2
+        (640, 640, 16, f4, f4, None),  # 2^26.6
+        (1280, 640, 16, f4, f4, None),  # 2^27.6
     ]:
         wants = {f32: avx2} if capability == "AVX2" else {f32: avx512, bf16: avx512_bf16}
         for dtype, want in wants.items():

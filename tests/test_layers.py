@@ -22,7 +22,7 @@ MODEL_FLOOR = (
 )
 UPPER_FLOORS = (
     "ldm.runtime", "ldm.pipeline", "ldm.cli", "ldm.latents", "ldm.loading", "ldm.outputs", "ldm.prompts",
-    "ldm.adapters", "ldm.server", "ldm.evaluation", "ldm.infotext",
+    "ldm.adapters", "ldm.server", "ldm.evaluation", "ldm.infotext", "ldm.heap",
 )  # fmt: skip
 
 
