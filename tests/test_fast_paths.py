@@ -724,18 +724,20 @@ def test_blocked_attention_layer_takes_self_attention_in_its_dtypes_only(dtype):
     layers = nn.ModuleList(
         [CrossAttention(64, heads=4, dim_head=16), CrossAttention(64, 32, heads=4, dim_head=16)]
     )
-    x, context = torch.randn(2, 300, 64), torch.randn(2, 77, 32)
+    x, context = torch.randn(2, fast_paths.BLOCKED_MIN_KEYS[dtype], 64), torch.randn(2, 77, 32)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         plain_self, plain_cross = layers[0](x), layers[1](x, context)
+        plain_shorter = layers[0](x[:, 1:])
         assert use_blocked_attention(layers, {dtype}) == 2 and type(layers[0]) is BlockedAttention
         calls = []
         with mock.patch.object(fast_paths, "blocked_attention", wraps=fast_paths.blocked_attention) as spy:
             blocked_self, blocked_cross = layers[0](x), layers[1](x, context)
             calls.append(spy.call_count)
+            assert layers[0](x[:, 1:]).equal(plain_shorter)  # one key fewer: the flash kernel
             layers[0].blocked_dtypes = frozenset({torch.float16})  # not this call's dtype: the flash kernel
             assert layers[0](x).equal(plain_self)
             calls.append(spy.call_count)
-    assert calls == [1, 1]  # self-attention over 300 keys: blocked; 77 context tokens: the flash kernel
+    assert calls == [1, 1]  # self-attention over BLOCKED_MIN_KEYS keys: blocked; 77 context tokens: flash
     tolerance = 0.02 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(blocked_self.float(), plain_self.float(), rtol=0, atol=tolerance)
     assert blocked_cross.equal(plain_cross)
