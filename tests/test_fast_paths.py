@@ -2,6 +2,7 @@
 channels_last levels, prepacked bf16 weights, and all applied to a whole model."""
 
 import copy
+import math
 from unittest import mock
 
 import pytest
@@ -689,9 +690,10 @@ def test_blocked_attention_in_bf16_rounds_as_bf16_products():
 
 @needs_onednn_bf16
 def test_blocked_bf16_attention_takes_exp_of_bounded_scores_and_the_softmax_of_others():
-    """Heads whose scores are bounded below EXP_SCORE_LIMIT (|q_i| |k_j|) weigh the values by exp(scores) and
-    divide by the sums the ones column gives; a head with scores of up to ~150, whose exp overflows bf16, takes
-    the softmax. Both finite, within bf16 rounding of attention over their bf16 scores."""
+    """Heads whose scores are bounded below EXP_SCORE_LIMIT (|q_i| |k_j|) weigh the values by exp(scores) (as
+    exp2 of scores in base 2: the keys carry log2 e) and divide by the sums the ones column gives; a head with
+    scores of up to ~150, whose exp overflows bf16, subtracts each row's maximum first. Both finite, within bf16
+    rounding of attention over their bf16 scores."""
     from ldm.runtime.fast_paths import EXP_SCORE_LIMIT, _exp_without_maximum, blocked_attention
 
     torch.manual_seed(0)
@@ -701,7 +703,7 @@ def test_blocked_bf16_attention_takes_exp_of_bounded_scores_and_the_softmax_of_o
     scale = 40**-0.5
     keys = k[0] * scale
     assert (q[0, 1].float() @ keys[0].float().t()).abs().max() > 100
-    assert _exp_without_maximum(q[0], keys) == [True, False, True]
+    assert _exp_without_maximum(q[0], keys * math.log2(math.e)) == [True, False, True]
     assert not _exp_without_maximum(q[0].float(), keys.float())[0]  # fp32: always the softmax
     bound = q[0, 0].float().norm(dim=-1).amax() * keys[0].float().norm(dim=-1).amax()
     assert bound < EXP_SCORE_LIMIT
@@ -709,9 +711,10 @@ def test_blocked_bf16_attention_takes_exp_of_bounded_scores_and_the_softmax_of_o
     assert torch.isfinite(blocked).all()
     exact = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, dim=-1) @ v.double()
     assert (blocked - exact)[:, [0, 2]].abs().max() < 0.05
-    # head 1's bf16 scores are off by up to half a unit (at 128): compare with the softmax of those bf16 scores
-    bf16_math = torch.softmax(q @ (k * scale).transpose(-1, -2), dim=-1) @ v
-    assert (blocked - bf16_math.double())[:, 1].abs().max() < 0.05
+    # head 1's bf16 scores (base 2, ~216) are off by up to half a unit: compare with the softmax of those scores
+    base2_scores = q @ (k * (scale * math.log2(math.e))).transpose(-1, -2)
+    bf16_math = torch.softmax(base2_scores.double() * math.log(2), dim=-1) @ v.double()
+    assert (blocked - bf16_math)[:, 1].abs().max() < 0.05
 
 
 @needs_onednn

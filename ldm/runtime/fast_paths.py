@@ -29,6 +29,7 @@ its own part (`split_over_threads`). All give the plain layers' numbers up to fl
 BENCHMARKS.md has their measured gains.
 """
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -748,13 +749,14 @@ EXP_SCORE_LIMIT = 64.0
 
 
 def _exp_without_maximum(q: torch.Tensor, keys: torch.Tensor) -> list[bool]:
-    """Per head of q [BH, N, d] and scaled keys [BH, M, d], whether bf16 attention may take exp of its scores as
-    they are: every |q_i . k_j| <= |q_i| |k_j| (Cauchy-Schwarz) is below EXP_SCORE_LIMIT. torch's bf16 exp takes
-    0.6x the time of its softmax, which is 40-50% of a 4096-token blocked attention."""
+    """Per head of q [BH, N, d] and keys [BH, M, d] scaled for base-2 scores (`blocked_attention` in bf16),
+    whether bf16 attention may take exp2 of its scores as they are: every |q_i . k_j| <= |q_i| |k_j|
+    (Cauchy-Schwarz) is below EXP_SCORE_LIMIT in natural units. torch's bf16 exp takes 0.6x the time of its
+    softmax, which is 40-50% of a 4096-token blocked attention."""
     if q.dtype != torch.bfloat16:  # torch's fp32 exp is slower than the one inside its fp32 softmax
         return [False] * q.shape[0]
-    bound = q.float().norm(dim=-1).amax(dim=-1) * keys.float().norm(dim=-1).amax(dim=-1)  # [BH]
-    return (bound < EXP_SCORE_LIMIT).tolist()
+    norms = [torch.linalg.vector_norm(t, dim=-1, dtype=torch.float32).amax(dim=-1) for t in (q, keys)]
+    return (norms[0] * norms[1] < EXP_SCORE_LIMIT * math.log2(math.e)).tolist()
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -764,13 +766,16 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     products to fp32 there) and in fp32 on AVX512 CPUs (its products are MKL's).
 
     The values carry a column of ones, so the product with the attention weights also gives each row's sum, and
-    the weights need not be normalized: in bf16 where the scores are bounded (`_exp_without_maximum`) they are
-    exp(scores) (0.82-0.89x the time of a softmax), else the softmax. The values are padded with zeros to a
+    the weights need not be normalized: in fp32 they are the softmax; in bf16 the keys carry log2(e), so that
+    the weights are exp2 of the scores (torch's bf16 exp2 takes 0.84-0.89x the time of its exp), less each row's
+    maximum unless the scores are bounded (`_exp_without_maximum`: exp alone is 0.82-0.89x the time of a
+    softmax). The values are padded with zeros to a
     multiple of VALUE_WIDTH_MULTIPLE wide: oneDNN takes 1.8x longer for the product with the SD's 40-wide values
     than with 48-wide ones (BENCHMARKS.md)."""
     b, h, n, d = q.shape
     q = q.reshape(b * h, n, d)
-    keys = k.reshape(b * h, -1, d) * scale  # [BH, M, d]
+    base2 = q.dtype == torch.bfloat16
+    keys = k.reshape(b * h, -1, d) * (scale * math.log2(math.e) if base2 else scale)  # [BH, M, d]
     width = (d // VALUE_WIDTH_MULTIPLE + 1) * VALUE_WIDTH_MULTIPLE  # d values, their sum column, zeros
     values = F.pad(v.reshape(b * h, -1, d), (0, width - d)).transpose(1, 2).contiguous()  # [BH, width, M]
     values[:, d] = 1
@@ -783,7 +788,12 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             head, start = divmod(item, blocks)
             rows = slice(start * BLOCK_QUERIES, (start + 1) * BLOCK_QUERIES)
             scores = onednn_product(q[head, rows], keys[head])  # [block, M]
-            weights = scores.exp_() if exp_only[head] else torch.softmax(scores, dim=-1)
+            if not base2:
+                weights = torch.softmax(scores, dim=-1)
+            elif exp_only[head]:
+                weights = scores.exp2_()
+            else:
+                weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp2_()
             out[head, rows] = onednn_product(weights, values[head])
 
     split_over_threads(attend, b * h * blocks)
