@@ -541,8 +541,8 @@ def remake_command(script: str, opt: argparse.Namespace, prompt: str, seed: int,
 
 
 # the fresh memory of the first UNet step on the CPU (its packed weights), per byte of the checkpoint: bf16 at 512²
-# 0.62 (2.65 GB of a 4.27 GB fp32 checkpoint), 256² 0.50; an fp32 step takes 1.33, and finds this part warm
-WARM_BYTES_PER_CHECKPOINT_BYTE = 0.6
+# 0.55 (2.35 GB of a 4.27 GB fp32 checkpoint), 256² 0.44; an fp32 step takes 1.33, and finds this part warm
+WARM_BYTES_PER_CHECKPOINT_BYTE = 0.55
 GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/kfd")  # CUDA's and ROCm's: --device auto would pick the GPU
 
 
