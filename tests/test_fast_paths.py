@@ -305,14 +305,15 @@ def test_winograd_conv3x3_hands_the_products_tiles_in_the_input_dtype(tiles, dty
 def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
     """From 256 channels; F(4x4) from 16x16 on into up to 640 channels. AVX2 only (Zen 1, slow fp32 units): on
     maps of up to 128x128. AVX512 (Zen 4), fp32: F(4x4) on maps of up to 64x64, F(2x2) from 640 channels on 8x8
-    to 32x32; bf16: F(2x2) as in fp32 where pixels x C_in x C_out reach 2^28."""
+    to 32x32; bf16: F(2x2) from 640 channels on 8x8 to 64x64 where pixels x C_in x C_out reach 2^28."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
     f32, bf16, f2, f4 = torch.float32, torch.bfloat16, fast_paths.F2X2, fast_paths.F4X4
     for c_in, c_out, side, avx2, avx512, avx512_bf16 in [
         (640, 640, 32, f4, f4, f2),
         (640, 640, 8, f2, f2, None),  # bf16: too little work for Winograd's transforms (2^24.6)
-        (640, 320, 64, f4, f4, None),  # larger maps: oneDNN's convolution is faster in bf16
+        (640, 320, 64, f4, f4, f2),  # bf16: 64x64 maps too (2^29.6)
+        (640, 640, 128, f4, None, None),  # larger maps: oneDNN's convolution with AVX512
         (512, 512, 128, f4, None, None),  # the VAE decoder's 128x128 level
         (256, 256, 256, None, None, None),
         (320, 320, 32, f4, f4, None),

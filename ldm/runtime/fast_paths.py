@@ -489,9 +489,10 @@ def winograd_tiles(
     - fp32 with AVX512: F4X4 on maps of up to 64x64 (Zen 4: 0.46-0.91x oneDNN's convolution, 0.76-0.87x
       F2X2's), F2X2 from 640 channels on maps of 8x8 to 32x32 (0.37-0.76x oneDNN's convolution or the matmul
       path's); 4x4 maps (1.3x) and 128x128 ones (0.8-1.4x) keep the other paths;
-    - bf16 with AVX512: F2X2 as in fp32 where the layer has WINOGRAD_BF16_MIN_WORK (Zen 4: 0.67-1.02x the time
-      of oneDNN's prepacked bf16 convolution; below it, 640 channels on 16x16 maps and every 8x8 map among them,
-      1.05-1.4x that or the matmul path's); F4X4's tiles, rounded to bf16, make 10x the error; none with AMX,
+    - bf16 with AVX512: F2X2 from 640 channels on maps of 8x8 to 64x64 where the layer has
+      WINOGRAD_BF16_MIN_WORK (Zen 4: 0.67-1.02x the time of oneDNN's prepacked bf16 convolution, the 512² step
+      0.98x with the 64x64 maps; below it, 640 channels on 16x16 maps and every 8x8 map among them, 1.05-1.4x
+      that or the matmul path's); F4X4's tiles, rounded to bf16, make 10x the error; none with AMX,
       where oneDNN's prepacked bf16 convolution (`PackedConv2d`) takes 0.27-0.77x Winograd's time."""
     if in_channels < WINOGRAD_MIN_CHANNELS:
         return None
@@ -500,11 +501,12 @@ def winograd_tiles(
         return None if pixels > 128 * 128 else F4X4 if four else F2X2
     if dtype == torch.float32 and four and pixels <= 64 * 64:
         return F4X4
+    largest = 32 * 32 if dtype == torch.float32 else 64 * 64
     if dtype != torch.float32 and (
         cpu_has_amx() or pixels * in_channels * out_channels < WINOGRAD_BF16_MIN_WORK
     ):
         return None
-    return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= 32 * 32 else None
+    return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= largest else None
 
 
 class WinogradConv2d(MatmulConv2d):
