@@ -1,6 +1,7 @@
 """glibc malloc's heap, as the CPU runtime tunes it: keep what is freed for reuse, hand it back between the
 models, and fault fresh memory in ahead of time on an idle core. Linux/glibc only (elsewhere every function is a
-no-op returning False). Imports no torch, so a script can start `warm_heap` before its heavy imports."""
+no-op, and those that answer say False). Imports no torch, so a script can start `warm_heap` before its heavy
+imports."""
 
 import ctypes
 import mmap
@@ -74,7 +75,7 @@ _warm_block: _WarmBlock | None = None
 def warm_heap(nbytes: int) -> bool:
     """Fault `nbytes` of fresh heap memory in on a background thread, while this one goes on (imports, loading),
     until `release_warm_heap` hands the block to malloc for what comes next. Each fresh page costs a fault and
-    the kernel's zeroing of it (in a VM often a fault on the host too: 0.4-2.4 GB/s here, BENCHMARKS.md); warmed
+    the kernel's zeroing of it (in a VM often a fault on the host too: 0.3-2.5 GB/s here, BENCHMARKS.md); warmed
     ahead on a core the imports leave idle, the first UNet step's packed weights find their pages there.
 
     Also makes freed memory stay in the heap (`keep_freed_memory`) and every thread allocate from the one heap

@@ -501,12 +501,11 @@ def winograd_tiles(
         return None if pixels > 128 * 128 else F4X4 if four else F2X2
     if dtype == torch.float32 and four and pixels <= 64 * 64:
         return F4X4
-    largest = 32 * 32 if dtype == torch.float32 else 64 * 64
-    if dtype != torch.float32 and (
-        cpu_has_amx() or pixels * in_channels * out_channels < WINOGRAD_BF16_MIN_WORK
-    ):
+    if dtype == torch.float32:
+        return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= 32 * 32 else None
+    if cpu_has_amx() or pixels * in_channels * out_channels < WINOGRAD_BF16_MIN_WORK:
         return None
-    return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= largest else None
+    return F2X2 if in_channels >= 640 and 8 * 8 <= pixels <= 64 * 64 else None
 
 
 class WinogradConv2d(MatmulConv2d):
@@ -771,9 +770,8 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     the weights need not be normalized: in fp32 they are the softmax; in bf16 the keys carry log2(e), so that
     the weights are exp2 of the scores (torch's bf16 exp2 takes 0.84-0.89x the time of its exp), less each row's
     maximum unless the scores are bounded (`_exp_without_maximum`: exp alone is 0.82-0.89x the time of a
-    softmax). The values are padded with zeros to a
-    multiple of VALUE_WIDTH_MULTIPLE wide: oneDNN takes 1.8x longer for the product with the SD's 40-wide values
-    than with 48-wide ones (BENCHMARKS.md)."""
+    softmax). The values are padded with zeros to a multiple of VALUE_WIDTH_MULTIPLE wide: oneDNN takes 1.8x
+    longer for the product with the SD's 40-wide values than with 48-wide ones (BENCHMARKS.md)."""
     b, h, n, d = q.shape
     q = q.reshape(b * h, n, d)
     base2 = q.dtype == torch.bfloat16
