@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_diffusers import PROMPT, alternate, load_ours, machine, prepare  # noqa: E402
 
 from ldm.runtime import precision_scope  # noqa: E402
+from ldm.runtime.convolution import F2X2, WinogradTiles  # noqa: E402
 from ldm.runtime.fast_paths import (  # noqa: E402
-    F2X2,
     MatmulConv2d,
     WinogradConv2d,
-    WinogradTiles,
     low_precision_with_fast_paths,
     packed_dtypes,
 )

@@ -13,8 +13,9 @@ from test_autoencoder import small_ddconfig
 from torch import nn
 
 from ldm.modules.diffusionmodules.model import Decoder
-from ldm.runtime import fast_paths, precision_scope
+from ldm.runtime import convolution, fast_paths, precision_scope
 from ldm.runtime.bf16 import cpu_has_fast_bf16
+from ldm.runtime.convolution import is_channels_last
 from ldm.runtime.fast_paths import (
     MatmulConv2d,
     PackedConv2d,
@@ -23,7 +24,6 @@ from ldm.runtime.fast_paths import (
     WinogradConv2d,
     apply_cpu_fast_paths,
     fp32_sources_kept,
-    is_channels_last,
     low_precision_with_fast_paths,
     use_channels_last_decoder,
     use_channels_last_in_bf16,
@@ -112,11 +112,11 @@ def test_use_matmul_convolutions_switches_only_wide_3x3_layers_and_keeps_the_num
 @pytest.mark.parametrize(
     "dtype, size, bias, tiles",
     [
-        (torch.float32, (16, 16), True, fast_paths.F2X2),
-        (torch.float32, (9, 14), False, fast_paths.F2X2),
-        (torch.float32, (16, 16), True, fast_paths.F4X4),
-        (torch.float32, (9, 14), False, fast_paths.F4X4),  # sides not multiples of 4: zero rows, cropped
-        pytest.param(torch.bfloat16, (12, 12), True, fast_paths.F2X2, marks=needs_onednn_bf16),
+        (torch.float32, (16, 16), True, convolution.F2X2),
+        (torch.float32, (9, 14), False, convolution.F2X2),
+        (torch.float32, (16, 16), True, convolution.F4X4),
+        (torch.float32, (9, 14), False, convolution.F4X4),  # sides not multiples of 4: zero rows, cropped
+        pytest.param(torch.bfloat16, (12, 12), True, convolution.F2X2, marks=needs_onednn_bf16),
     ],
 )
 def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias, tiles):
@@ -147,7 +147,7 @@ def test_winograd_conv_equals_torch_conv(monkeypatch, dtype, size, bias, tiles):
     plain_error, fast_error = (plain.double() - exact).abs().max(), (fast.double() - exact).abs().max()
     # measured: F2X2 0.27-0.35x torch's error in fp32 (~1e-6 of outputs ~1), 1.7x in bf16; F4X4 ~4e-6 of the
     # largest output: 1.8-2.6x torch's error with AVX2, 17x with AVX512, whose direct convolution sums closer
-    if tiles is fast_paths.F4X4:
+    if tiles is convolution.F4X4:
         bound = 2e-5 * exact.abs().max()
     else:
         bound = (4 if dtype == torch.float32 else 2.5) * plain_error
@@ -219,7 +219,7 @@ def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     tiles = [fast_paths.winograd_tiles(dtype, 640, 640, 32 * 32) for dtype in (torch.float32, torch.bfloat16)]
-    assert tiles == [fast_paths.F4X4, None if amx else fast_paths.F2X2]
+    assert tiles == [convolution.F4X4, None if amx else convolution.F2X2]
     torch.manual_seed(0)
     conv = WinogradConv2d(640, 16, 3, padding=1).bfloat16()
     conv.packed_dtypes = frozenset({torch.bfloat16})
@@ -233,37 +233,6 @@ def test_winograd_in_bf16_only_without_amx(monkeypatch, amx):
         assert out.equal(want)
     else:
         torch.testing.assert_close(out.float(), want.float(), rtol=0.02, atol=0.05)
-
-
-@pytest.mark.parametrize("tiles", [fast_paths.F2X2, fast_paths.F4X4])
-def test_winograd_kernels_are_g_g_gt_transformed_in_chunks(monkeypatch, tiles):
-    """G g G^T for every kernel, computed a few output channels at a time (the last chunk shorter) and rounded to
-    the asked dtype."""
-    monkeypatch.setattr(fast_paths, "WINOGRAD_CHUNK_KERNELS", 5 * 7)  # 5 output channels of 7 inputs a chunk
-    weight = torch.randn(12, 7, 3, 3, generator=torch.Generator().manual_seed(0))
-    g = tiles.g.double()
-    want = torch.einsum("ij,ocjk,lk->iloc", g, weight.double(), g).reshape(tiles.n**2, 12, 7)
-    got = fast_paths.winograd_weights(weight, torch.float32, tiles)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
-    in_bf16 = fast_paths.winograd_weights(weight, torch.bfloat16, tiles)
-    torch.testing.assert_close(in_bf16.double(), want, rtol=2**-8, atol=1e-6)
-
-
-@pytest.mark.parametrize("tiles", [fast_paths.F2X2, fast_paths.F4X4])
-def test_winograd_tiles_compute_a_correlation(tiles):
-    """A^T [(G g) * (B^T d)] is the correlation of n inputs d with 3 taps g (m outputs), in fp64: the transcribed
-    matrices (F4X4's points 0, 1, -1, 2, -1/2, infinity; B^T in integers) are Winograd's."""
-    generator = torch.Generator().manual_seed(0)
-    d, g = (
-        torch.randn(tiles.n, 5, dtype=torch.float64, generator=generator),
-        torch.randn(3, 5, dtype=torch.float64),
-    )
-    got = tiles.at.double() @ ((tiles.g.double() @ g) * (tiles.bt.double() @ d))
-    want = torch.stack([sum(d[i + k] * g[k] for k in range(3)) for i in range(tiles.m)])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
-    row, column = divmod(tiles.bias_position, tiles.n)  # summed once into every output: the bias goes there
-    assert tiles.at[:, row].eq(1).all() and tiles.at[:, column].eq(1).all()
 
 
 def test_winograd_takes_only_wide_3x3_layers():
@@ -280,27 +249,6 @@ def test_winograd_takes_only_wide_3x3_layers():
     assert net[0].packed_dtypes == {torch.float32}
 
 
-@pytest.mark.parametrize("tiles", [fast_paths.F2X2, fast_paths.F4X4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_winograd_conv3x3_hands_the_products_tiles_in_the_input_dtype(tiles, dtype):
-    """The transformed tiles reach the products in x's dtype, computed in fp32 and rounded once: with plain
-    products (no oneDNN needed) the output is the convolution of the rounded input, up to the dtype's rounding."""
-    generator = torch.Generator().manual_seed(0)
-    x, weight = torch.randn(2, 8, 10, 7, generator=generator), torch.randn(5, 8, 3, 3, generator=generator)
-    kernels = fast_paths.winograd_weights(weight, torch.float32, tiles)  # [n^2, C_out, C_in]
-    seen = []
-
-    def products(transformed: torch.Tensor) -> torch.Tensor:
-        seen.append(transformed.dtype)
-        return torch.bmm(transformed.float(), kernels.transpose(1, 2)).to(dtype)
-
-    out = fast_paths.winograd_conv3x3(x.to(dtype), products, tiles)
-    assert seen == [dtype] and out.dtype == dtype and out.shape == (2, 5, 10, 7)
-    want = F.conv2d(x.to(dtype).double(), weight.double(), padding=1)
-    tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16: the tiles and outputs round to 8 bits
-    torch.testing.assert_close(out.double(), want, rtol=0, atol=tolerance * want.abs().max().item())
-
-
 @pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
     """From 256 channels; F(4x4) from 16x16 on into up to 640 channels. AVX2 only (Zen 1, slow fp32 units): on
@@ -308,7 +256,7 @@ def test_winograd_where_it_pays_on_this_cpu(monkeypatch, capability):
     to 32x32; bf16: F(2x2) from 640 channels on 8x8 to 64x64 where pixels x C_in x C_out reach 2^28."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(fast_paths, "cpu_has_amx", lambda: False)
-    f32, bf16, f2, f4 = torch.float32, torch.bfloat16, fast_paths.F2X2, fast_paths.F4X4
+    f32, bf16, f2, f4 = torch.float32, torch.bfloat16, convolution.F2X2, convolution.F4X4
     for c_in, c_out, side, avx2, avx512, avx512_bf16 in [
         (640, 640, 32, f4, f4, f2),
         (640, 640, 8, f2, f2, None),  # bf16: too little work for Winograd's transforms (2^24.6)

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from ldm.runtime import fast_paths
+from ldm.runtime import convolution, fast_paths
 from ldm.runtime.threads import intra_op_threads, split_over_threads
 
 
@@ -78,7 +78,7 @@ def test_winograd_and_blocked_attention_split_equal_them_inline(two_threads, mon
     conv.packed_dtypes = frozenset({torch.float32})
     x = torch.randn(2, 640, 16, 16)
     q, k, v = (torch.randn(2, 3, 600, 40) for _ in range(3))
-    monkeypatch.setattr(fast_paths, "winograd_tiles", lambda *args: fast_paths.F2X2)
+    monkeypatch.setattr(fast_paths, "winograd_tiles", lambda *args: convolution.F2X2)
     with torch.inference_mode():
         split = conv(x), fast_paths.blocked_attention(q, k, v, 40**-0.5)
         monkeypatch.setattr(fast_paths, "split_over_threads", inline)
