@@ -62,6 +62,11 @@ def untiled_decode_fits(pixels: int, batch: int, weights: int, limit_gib: float 
     return limit is None or weights + DECODE_BYTES_PER_PIXEL * pixels * batch <= limit
 
 
+def size(nbytes: float) -> str:
+    """A byte count for a message: '3.2 GiB', or '212 MiB' under 1 GiB."""
+    return f"{nbytes / GIB:.1f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.0f} MiB"
+
+
 def check_fits(
     height: int,
     width: int,
@@ -86,15 +91,15 @@ def check_fits(
     have = (
         f"--memory-limit {limit_gib:g} GiB"
         if limit_gib is not None
-        else f"{limit / GIB:.1f} GiB free on this {where}"
+        else f"{size(limit)} free on this {where}"
     )
     advice = "a smaller size or --n_samples"
     if not tiled and need.vae > need.unet:
         with_tiling = estimate(height, width, batch, guided, True, weights)
         if with_tiling.total <= limit:
-            advice = f"--vae-tiling (about {with_tiling.total / GIB:.1f} GiB)"
+            advice = f"--vae-tiling (about {size(with_tiling.total)})"
     raise UserError(
-        f"{width}x{height} x {batch} needs about {need.total / GIB:.1f} GiB at least, more than the {have}: "
+        f"{width}x{height} x {batch} needs about {size(need.total)} at least, more than the {have}: "
         f"use {advice}, or pass --memory-limit GIB to try anyway"
     )
 
