@@ -311,11 +311,12 @@ class MatmulConv2d(PackedConv2d):
 
     def _packed_taps(self, dtype: torch.dtype) -> torch.Tensor:
         """The kernels as [C_out, 9 * C_in] rows in `pixel_neighbourhoods`' order, in `dtype`, packed for oneDNN,
-        made once (`_made_once`)."""
+        made once (`_made_once`). Rounded to `dtype` before they are reordered: torch's fp32 -> bf16 copy into the
+        tap order took 4x the time of a plain conversion and a bf16 reorder (24 against 6 ms at 1280 channels)."""
 
         def make() -> torch.Tensor:
-            taps = self.weight.detach().permute(0, 2, 3, 1).reshape(self.out_channels, -1)
-            return torch.ops.mkldnn._reorder_linear_weight(taps.to(dtype))
+            taps = self.weight.detach().to(dtype).permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+            return torch.ops.mkldnn._reorder_linear_weight(taps)
 
         return _made_once(self, "_packed_weight", self.weight, dtype, make)
 
