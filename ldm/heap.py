@@ -79,7 +79,7 @@ def warm_heap(nbytes: int) -> bool:
     ahead on a core the imports leave idle, the first UNet step's packed weights find their pages there.
 
     Also makes freed memory stay in the heap (`keep_freed_memory`) and every thread allocate from the one heap
-    (one malloc arena), so the threads that pack weights reuse the block too. False where nothing was started:
+    (one malloc arena), so a model run on another thread reuses the block too. False where nothing was started:
     not glibc, nothing asked, or the heap cannot grow by `nbytes`."""
     global _warm_block
     malloc = libc_function("malloc")

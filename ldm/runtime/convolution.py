@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldm.runtime.threads import split_over_threads
-
 
 def is_channels_last(x: torch.Tensor) -> bool:
     """Whether x [B, C, H, W] is laid out channels_last (and so not also contiguous NCHW, as a 1x1 map is)."""
@@ -102,19 +100,15 @@ def winograd_weights(
 ) -> torch.Tensor:
     """Kernels [C_out, C_in, 3, 3] -> G g G^T at each of the n^2 positions (n * row + column): [n^2, C_out, C_in]
     in `dtype`, computed in G's dtype as products of kron(G, G) [n^2, 9] with the kernels' 9 taps (4.5x faster
-    than an einsum), WINOGRAD_CHUNK_KERNELS kernels at a time, each chunk rounded to `dtype` while it is in cache;
-    the chunks in parts over the threads (`split_over_threads`: 2 threads on one product took 1.15x one's time)."""
+    than an einsum), WINOGRAD_CHUNK_KERNELS kernels at a time, each chunk rounded to `dtype` while it is in cache."""
     o, c = weight.shape[:2]
     kron = torch.kron(tiles.g, tiles.g).to(weight.device)
     out = weight.new_empty(tiles.n**2, o, c, dtype=dtype)
     rows = max(1, WINOGRAD_CHUNK_KERNELS // c)  # output channels per chunk
 
-    def transform(chunks: range) -> None:
-        for start in range(chunks.start * rows, min(chunks.stop * rows, o), rows):
-            taps = weight[start : start + rows].reshape(-1, 9).to(kron.dtype).t()  # [9, rows * C_in]
-            out[:, start : start + rows] = (kron @ taps).view(tiles.n**2, -1, c)
-
-    split_over_threads(transform, -(-o // rows))
+    for start in range(0, o, rows):
+        taps = weight[start : start + rows].reshape(-1, 9).to(kron.dtype).t()  # [9, rows * C_in]
+        out[:, start : start + rows] = (kron @ taps).view(tiles.n**2, -1, c)
     return out
 
 

@@ -25,9 +25,8 @@
 - `BlockedAttention`: self-attention as oneDNN products over blocks of queries, one head at a time, instead of
   torch's flash kernel: in bf16 on CPUs with AVX512-BF16 but no AMX (with AMX, the flash kernel is faster), in
   fp32 on AMD CPUs with full-width AVX512 (Zen 5), where torch's fp32 products are MKL's AVX2 code at half speed.
-Winograd's products and the blocked attention's blocks run in parts over the intra-op threads, each thread on
-its own part (`split_over_threads`). All give the plain layers' numbers up to float summation order;
-BENCHMARKS.md has their measured gains.
+Every product runs over all the intra-op threads (`ldm.runtime.threads` says why not in parts). All give the
+plain layers' numbers up to float summation order; BENCHMARKS.md has their measured gains.
 """
 
 import math
@@ -55,7 +54,7 @@ from ldm.runtime.convolution import (
     winograd_weights,
 )
 from ldm.runtime.memory import low_precision, release_tensor_pages
-from ldm.runtime.threads import intra_op_threads, split_over_threads
+from ldm.runtime.threads import intra_op_threads
 
 
 def packed_dtypes() -> frozenset[torch.dtype]:
@@ -362,8 +361,8 @@ def winograd_tiles(
 class WinogradConv2d(MatmulConv2d):
     """MatmulConv2d (same parameters and state_dict) that runs 3x3 convolutions as Winograd's F(2x2, 3x3) or
     F(4x4, 3x3) (`winograd_conv3x3`) where it pays on this CPU (`winograd_tiles`): n^2 packed products over
-    m x m output tiles in place of 9 taps a pixel, 2.25x or 4x fewer multiplications (in parts over the threads,
-    `split_over_threads`), for inference on the CPU in `packed_dtypes`. Other inputs take MatmulConv2d's path.
+    m x m output tiles in place of 9 taps a pixel, 2.25x or 4x fewer multiplications, for inference on the CPU
+    in `packed_dtypes`. Other inputs take MatmulConv2d's path.
     BENCHMARKS.md has the gains and errors."""
 
     def _winograd_tiles(self, x: torch.Tensor, dtype: torch.dtype) -> WinogradTiles | None:
@@ -384,13 +383,8 @@ class WinogradConv2d(MatmulConv2d):
         def products(transformed: torch.Tensor) -> torch.Tensor:
             out = transformed.new_empty(len(kernels), transformed.shape[1], self.out_channels)
 
-            def multiply(positions: range) -> None:
-                for k in positions:
-                    out[k] = onednn_product(
-                        transformed[k], kernels[k], bias if k == tiles.bias_position else None
-                    )
-
-            split_over_threads(multiply, len(kernels))
+            for k, kernel in enumerate(kernels):
+                out[k] = onednn_product(transformed[k], kernel, bias if k == tiles.bias_position else None)
             return out
 
         return winograd_conv3x3(x.to(dtype), products, tiles)
@@ -400,14 +394,7 @@ class WinogradConv2d(MatmulConv2d):
 
         def make() -> list[torch.Tensor]:
             transformed = winograd_weights(self.weight.detach(), dtype, tiles)
-            packed = list(transformed)
-
-            def pack(positions: range) -> None:
-                for k in positions:
-                    packed[k] = torch.ops.mkldnn._reorder_linear_weight(transformed[k])
-
-            split_over_threads(pack, len(packed))
-            return packed
+            return [torch.ops.mkldnn._reorder_linear_weight(kernel) for kernel in transformed]
 
         return _made_once(self, f"_winograd{tiles.m}_packed", self.weight, dtype, make)
 
@@ -614,7 +601,7 @@ def _exp_without_maximum(q: torch.Tensor, keys: torch.Tensor) -> list[bool]:
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v, q [B, H, N, d] over k, v [B, H, M, d] -> [B, H, N, d], as oneDNN products
     (`onednn_product`) one head and BLOCK_QUERIES queries at a time (each block's scores stay in cache), in q's
-    dtype, the blocks in parts over the threads (`split_over_threads`). Faster than torch's flash kernel in bf16 on CPUs with bf16 units but no AMX (the kernel widens its
+    dtype. Faster than torch's flash kernel in bf16 on CPUs with bf16 units but no AMX (the kernel widens its
     products to fp32 there) and in fp32 on AVX512 CPUs (its products are MKL's).
 
     The values carry a column of ones, so the product with the attention weights also gives each row's sum, and
@@ -632,12 +619,10 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     values[:, d] = 1
     out = q.new_empty(b * h, n, width)
     exp_only = _exp_without_maximum(q, keys)
-    blocks = -(-n // BLOCK_QUERIES)  # query blocks a head
 
-    def attend(items: range) -> None:
-        for item in items:
-            head, start = divmod(item, blocks)
-            rows = slice(start * BLOCK_QUERIES, (start + 1) * BLOCK_QUERIES)
+    for head in range(b * h):
+        for start in range(0, n, BLOCK_QUERIES):
+            rows = slice(start, start + BLOCK_QUERIES)
             scores = onednn_product(q[head, rows], keys[head])  # [block, M]
             if not base2:
                 weights = torch.softmax(scores, dim=-1)
@@ -646,8 +631,6 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
             else:
                 weights = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp2_()
             out[head, rows] = onednn_product(weights, values[head])
-
-    split_over_threads(attend, b * h * blocks)
     return (out[..., :d] / out[..., d : d + 1]).view(b, h, n, d)
 
 
