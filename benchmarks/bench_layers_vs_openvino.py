@@ -221,14 +221,10 @@ def main() -> None:
     opt = parser.parse_args()
     if opt.threads:
         torch.set_num_threads(opt.threads)
-    from bench_vs_diffusers import cpu_flags
+    from bench_vs_diffusers import cpu_flags, publish
 
     text = f"CPU: {cpu_flags()}. Size {opt.size}², {opt.precision}, medians of {opt.reps}.\n\n"
-    text += report(measure(opt.workdir, opt.size, opt.reps, opt.precision), opt.top)
-    print(text)
-    if opt.write:
-        with open(opt.write, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(text + report(measure(opt.workdir, opt.size, opt.reps, opt.precision), opt.top), opt.write)
 
 
 if __name__ == "__main__":

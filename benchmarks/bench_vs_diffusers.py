@@ -43,6 +43,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def publish(text: str, write: Path | None) -> None:
+    """Print a report, and append it to the markdown file `write` when one is given."""
+    print(text)
+    if write:
+        with open(write, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
 def emit(result: dict) -> None:
     """A child's result: one JSON line the parent picks out of its stdout."""
     print("RESULT " + json.dumps(result), flush=True)
@@ -849,10 +857,7 @@ def main() -> None:
         text = f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n" + sampling_table(results)
     else:
         text = cpu_report(opt, path)
-    print(text)
-    if opt.write:
-        with open(opt.write, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(text, opt.write)
 
 
 if __name__ == "__main__":

@@ -218,11 +218,9 @@ def main() -> None:
         return
     if not opt.optimum_python:
         parser.error("--optimum-python is required: the python of a venv with optimum-intel[openvino]")
-    text = report(opt, measure(opt))
-    print(text)
-    if opt.write:
-        with open(opt.write, "a") as f:
-            f.write("\n" + text)
+    from bench_vs_diffusers import publish
+
+    publish(report(opt, measure(opt)), opt.write)
 
 
 if __name__ == "__main__":
